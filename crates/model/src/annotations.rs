@@ -1,0 +1,380 @@
+//! The `nodeport-firewall.io/` annotations of a Service, and the decision whether and how a
+//! Service is managed.
+
+use std::collections::BTreeSet;
+
+use crate::config::Config;
+use crate::desired::PoolSelector;
+use crate::net::{SourceSet, parse_ranges};
+use crate::node::PoolName;
+use crate::rule::{Protocol, join};
+use crate::service::{ServiceRef, ServiceSpec, ServiceType};
+
+pub const ANNOTATION_PREFIX: &str = "nodeport-firewall.io/";
+/// `true`/`false`: explicit opt-in or opt-out.
+pub const ENABLED: &str = "nodeport-firewall.io/enabled";
+/// IPv4/IPv6 CIDRs separated by commas and/or whitespace.
+pub const ALLOWED_SOURCE_RANGES: &str = "nodeport-firewall.io/allowed-source-ranges";
+/// Pool names whose firewalls get the ports. Default: all managed pools.
+pub const NODE_POOLS: &str = "nodeport-firewall.io/node-pools";
+/// A subset of the Service's ports, by name or port number. Default: all.
+pub const PORTS: &str = "nodeport-firewall.io/ports";
+
+const KNOWN: &[&str] = &[ENABLED, ALLOWED_SOURCE_RANGES, NODE_POOLS, PORTS];
+
+/// What the operator will do for one Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Managed: its ports are opened as the intent says.
+    Managed(ServiceIntent),
+    /// Not managed; its rules, if any, are removed.
+    Unmanaged { reason: String },
+    /// Managed, but its annotations are invalid: its existing rules are kept exactly as they
+    /// are until it is fixed (fail closed).
+    Invalid { errors: Vec<String>, warnings: Vec<String> },
+}
+
+/// A valid managed Service's request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceIntent {
+    pub service: ServiceRef,
+    /// (protocol, node port), sorted and unique.
+    pub ports: Vec<(Protocol, u16)>,
+    pub sources: SourceSet,
+    pub pools: PoolSelector,
+    /// Non-fatal remarks shown in the plan and as events.
+    pub warnings: Vec<String>,
+}
+
+/// Whether `s` is a valid Kubernetes label value (pool names are label values).
+pub fn valid_pool_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars().last().is_some_and(|c| c.is_ascii_alphanumeric())
+}
+
+fn tokens(value: &str) -> impl Iterator<Item = &str> {
+    value.split(|c: char| c == ',' || c.is_whitespace()).filter(|t| !t.is_empty())
+}
+
+/// Decides whether `svc` is managed, and validates its annotations if it is.
+pub fn admit(svc: &ServiceSpec, config: &Config) -> Admission {
+    let get = |key: &str| svc.annotations.get(key).map(String::as_str);
+    let enabled = match get(ENABLED).map(str::trim) {
+        None => None,
+        Some(v) if v.eq_ignore_ascii_case("true") => Some(true),
+        Some(v) if v.eq_ignore_ascii_case("false") => Some(false),
+        Some(v) => {
+            if matches!(svc.service_type, ServiceType::Other(_)) {
+                return Admission::Unmanaged { reason: format!("type {} has no node ports", svc.service_type) };
+            }
+            return Admission::Invalid {
+                errors: vec![format!("{ENABLED}: {v:?} is not true or false")],
+                warnings: Vec::new(),
+            };
+        }
+    };
+    match svc.service_type {
+        ServiceType::Other(ref t) => {
+            return Admission::Unmanaged { reason: format!("type {t} has no node ports") };
+        }
+        ServiceType::LoadBalancer if enabled != Some(true) => {
+            return Admission::Unmanaged {
+                reason: format!("type LoadBalancer is managed only with {ENABLED}=true"),
+            };
+        }
+        ServiceType::NodePort if enabled == Some(false) => {
+            return Admission::Unmanaged { reason: format!("opted out with {ENABLED}=false") };
+        }
+        ServiceType::NodePort if enabled.is_none() && !config.manage_all_node_port_services => {
+            return Admission::Unmanaged {
+                reason: format!("not opted in: set {ENABLED}=true, or manageAllNodePortServices in the config"),
+            };
+        }
+        _ => {}
+    }
+
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+
+    for key in svc.annotations.keys() {
+        if key.starts_with(ANNOTATION_PREFIX) && !KNOWN.contains(&key.as_str()) {
+            let hint = KNOWN
+                .iter()
+                .find(|k| similar(k, key))
+                .map(|k| format!("; did you mean {k}?"))
+                .unwrap_or_default();
+            errors.push(format!("unknown annotation {key}{hint}"));
+        }
+    }
+
+    // Which ports.
+    let selected: Vec<&crate::service::ServicePort> = match get(PORTS) {
+        None => svc.ports.iter().collect(),
+        Some(value) => {
+            let mut chosen = Vec::new();
+            let wanted: Vec<&str> = tokens(value).collect();
+            if wanted.is_empty() {
+                errors.push(format!("{PORTS}: empty; list port names or numbers, or remove it"));
+            }
+            for w in wanted {
+                let matches: Vec<_> = svc
+                    .ports
+                    .iter()
+                    .filter(|p| {
+                        p.name.as_deref() == Some(w) || w.parse::<i32>().is_ok_and(|n| n == p.port)
+                    })
+                    .collect();
+                if matches.is_empty() {
+                    let available: Vec<String> = svc
+                        .ports
+                        .iter()
+                        .map(|p| match &p.name {
+                            Some(n) => format!("{n}({})", p.port),
+                            None => p.port.to_string(),
+                        })
+                        .collect();
+                    errors.push(format!(
+                        "{PORTS}: {w:?} matches no port of the Service (its ports: {})",
+                        if available.is_empty() { "none".to_string() } else { available.join(", ") }
+                    ));
+                }
+                chosen.extend(matches);
+            }
+            chosen
+        }
+    };
+    let mut ports = BTreeSet::new();
+    for p in selected {
+        let label = p.name.clone().unwrap_or_else(|| p.port.to_string());
+        let protocol = match p.protocol.parse::<Protocol>() {
+            Ok(proto) => proto,
+            Err(e) => {
+                errors.push(format!("port {label}: {e}"));
+                continue;
+            }
+        };
+        match p.node_port {
+            None | Some(0) => warnings.push(format!("port {label} has no nodePort yet; skipped")),
+            Some(n) => match u16::try_from(n) {
+                Ok(n) if n > 0 => {
+                    ports.insert((protocol, n));
+                }
+                _ => errors.push(format!("port {label}: nodePort {n} is outside 1-65535")),
+            },
+        }
+    }
+
+    // From where.
+    let sources = match get(ALLOWED_SOURCE_RANGES) {
+        Some(value) => match parse_ranges(value) {
+            Ok(parsed) => {
+                warnings.extend(parsed.warnings.into_iter().map(|w| format!("{ALLOWED_SOURCE_RANGES}: {w}")));
+                if parsed.set.is_empty() {
+                    errors.push(format!(
+                        "{ALLOWED_SOURCE_RANGES}: empty; list CIDRs such as 203.0.113.0/24, or remove it to use the default"
+                    ));
+                }
+                let world = parsed.set.world_open();
+                if !world.is_empty() && !config.policy.allow_world_open {
+                    errors.push(format!(
+                        "{ALLOWED_SOURCE_RANGES}: {} opens the port to the whole Internet, which the operator policy refuses (policy.allowWorldOpen)",
+                        join(&world)
+                    ));
+                }
+                if parsed.set.len() > config.policy.max_ranges_per_service {
+                    errors.push(format!(
+                        "{ALLOWED_SOURCE_RANGES}: {} ranges after merging, more than the policy allows ({}; policy.maxRangesPerService)",
+                        parsed.set.len(),
+                        config.policy.max_ranges_per_service
+                    ));
+                }
+                parsed.set
+            }
+            Err(bad) => {
+                errors.extend(bad.into_iter().map(|e| format!("{ALLOWED_SOURCE_RANGES}: {e}")));
+                SourceSet::default()
+            }
+        },
+        None => {
+            if config.default_sources.is_empty() {
+                warnings.push(format!(
+                    "no {ALLOWED_SOURCE_RANGES} and no defaultSourceRanges in the operator config: nothing is opened"
+                ));
+            }
+            config.default_sources.clone()
+        }
+    };
+
+    // Where.
+    let pools = match get(NODE_POOLS) {
+        None => PoolSelector::All,
+        Some(value) => {
+            let mut names = BTreeSet::new();
+            for t in tokens(value) {
+                if valid_pool_name(t) {
+                    names.insert(PoolName::new(t));
+                } else {
+                    errors.push(format!("{NODE_POOLS}: {t:?} is not a valid pool name"));
+                }
+            }
+            if names.is_empty() && errors.is_empty() {
+                errors.push(format!("{NODE_POOLS}: empty; list pool names, or remove it for all managed pools"));
+            }
+            PoolSelector::Named(names)
+        }
+    };
+
+    if !errors.is_empty() {
+        return Admission::Invalid { errors, warnings };
+    }
+    if ports.is_empty() {
+        warnings.push("no node ports to open".to_string());
+    }
+    Admission::Managed(ServiceIntent {
+        service: svc.service.clone(),
+        ports: ports.into_iter().collect(),
+        sources,
+        pools,
+        warnings,
+    })
+}
+
+/// A cheap typo check: same length give or take two, and most characters shared in order.
+fn similar(known: &str, given: &str) -> bool {
+    let a = known.trim_start_matches(ANNOTATION_PREFIX);
+    let b = given.trim_start_matches(ANNOTATION_PREFIX);
+    if a.len().abs_diff(b.len()) > 2 {
+        return false;
+    }
+    let common = a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count();
+    let common_tail = a.chars().rev().zip(b.chars().rev()).take_while(|(x, y)| x == y).count();
+    common + common_tail + 2 >= a.len().min(b.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::new("test")
+    }
+
+    fn web() -> ServiceSpec {
+        ServiceSpec::nodeport("default", "web").with_port("http", "TCP", 80, 30080).enabled()
+    }
+
+    fn errors(a: Admission) -> Vec<String> {
+        match a {
+            Admission::Invalid { errors, .. } => errors,
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    fn intent(a: Admission) -> ServiceIntent {
+        match a {
+            Admission::Managed(i) => i,
+            other => panic!("expected managed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn which_services_are_managed() {
+        let mut all = cfg();
+        all.manage_all_node_port_services = true;
+        let np = ServiceSpec::nodeport("d", "s").with_port("", "TCP", 80, 30080).with_ranges("10.0.0.0/8");
+        let lb = np.clone().with_type(ServiceType::LoadBalancer);
+        let cip = np.clone().with_type(ServiceType::Other("ClusterIP".into()));
+        // (service, manage all?, managed?)
+        let cases = [
+            (np.clone(), false, false),
+            (np.clone(), true, true),
+            (np.clone().enabled(), false, true),
+            (np.clone().with_annotation("enabled", "false"), true, false),
+            (np.clone().with_annotation("enabled", "FALSE"), false, false),
+            (lb.clone(), true, false),
+            (lb.clone().enabled(), false, true),
+            (cip.clone().enabled(), true, false),
+        ];
+        for (svc, manage_all, managed) in cases {
+            let c = if manage_all { all.clone() } else { cfg() };
+            let a = admit(&svc, &c);
+            assert_eq!(matches!(a, Admission::Managed(_)), managed, "{svc:?} manage_all={manage_all}: {a:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_annotations_table() {
+        let cases: &[(ServiceSpec, &str)] = &[
+            (web().with_annotation("enabled", "yes"), "is not true or false"),
+            (web().with_ranges("10.0.0.0/33"), "not an IPv4/IPv6 address or CIDR"),
+            (web().with_ranges(" , "), "empty"),
+            (web().with_ranges("0.0.0.0/0"), "whole Internet"),
+            (web().with_ranges("::/0"), "whole Internet"),
+            (web().with_annotation("ports", "https"), "matches no port"),
+            (web().with_annotation("ports", ""), "empty"),
+            (web().with_annotation("node-pools", "bad_pool!"), "not a valid pool name"),
+            (web().with_annotation("node-pools", ","), "empty"),
+            (web().with_annotation("allowed-source-range", "10.0.0.0/8"), "did you mean nodeport-firewall.io/allowed-source-ranges"),
+            (web().with_annotation("colour", "x"), "unknown annotation"),
+            (web().with_ranges("10.0.0.0/8").with_port("q", "ICMP", 1, 30001), "unsupported protocol"),
+            (web().with_ranges("10.0.0.0/8").with_port("q", "TCP", 1, 70000), "outside 1-65535"),
+        ];
+        for (svc, want) in cases {
+            let errs = errors(admit(svc, &cfg()));
+            assert!(errs.iter().any(|e| e.contains(want)), "{:?}: {errs:?} should contain {want:?}", svc.annotations);
+        }
+    }
+
+    #[test]
+    fn too_many_ranges_counts_after_merging() {
+        let mut c = cfg();
+        c.policy.max_ranges_per_service = 2;
+        let errs = errors(admit(&web().with_ranges("10.0.0.0/8 12.0.0.0/8 14.0.0.0/8"), &c));
+        assert!(errs[0].contains("more than the policy allows"), "{errs:?}");
+        // 10/8 and 11/8 are adjacent and merge into 10/7: two ranges, within the limit.
+        let i = intent(admit(&web().with_ranges("10.0.0.0/8 11.0.0.0/8 13.0.0.0/8"), &c));
+        assert_eq!(i.sources.to_string(), "10.0.0.0/7,13.0.0.0/8");
+    }
+
+    #[test]
+    fn valid_service_intent() {
+        let svc = ServiceSpec::nodeport("default", "dns")
+            .with_port("dns-udp", "UDP", 53, 30053)
+            .with_port("dns-tcp", "TCP", 53, 30053)
+            .with_port("metrics", "TCP", 9100, 30910)
+            .enabled()
+            .with_ranges("10.1.2.3/16, 2001:db8::/48")
+            .with_annotation("ports", "dns-udp 53")
+            .with_annotation("node-pools", "edge, core");
+        let i = intent(admit(&svc, &cfg()));
+        assert_eq!(i.ports, vec![(Protocol::Tcp, 30053), (Protocol::Udp, 30053)]);
+        assert_eq!(i.sources.to_string(), "10.1.0.0/16,2001:db8::/48");
+        assert_eq!(i.pools, PoolSelector::Named([PoolName::new("core"), PoolName::new("edge")].into()));
+        assert_eq!(i.warnings.len(), 1, "host bits warning: {:?}", i.warnings);
+    }
+
+    #[test]
+    fn no_allowlist_opens_nothing_with_a_warning() {
+        let svc = ServiceSpec::nodeport("d", "s").with_port("", "TCP", 80, 30080).enabled();
+        let i = intent(admit(&svc, &cfg()));
+        assert!(i.sources.is_empty());
+        assert!(i.warnings[0].contains("nothing is opened"));
+        let mut c = cfg();
+        c.default_sources = crate::net::parse_ranges("192.0.2.0/24").unwrap().set;
+        let i = intent(admit(&svc, &c));
+        assert_eq!(i.sources.to_string(), "192.0.2.0/24");
+        assert!(i.warnings.is_empty());
+    }
+
+    #[test]
+    fn port_without_node_port_is_skipped_with_a_warning() {
+        let mut svc = web().with_ranges("10.0.0.0/8");
+        svc.ports[0].node_port = None;
+        let i = intent(admit(&svc, &cfg()));
+        assert!(i.ports.is_empty());
+        assert!(i.warnings.iter().any(|w| w.contains("no nodePort")));
+    }
+}

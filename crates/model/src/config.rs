@@ -1,0 +1,281 @@
+//! The operator config: a YAML file (the Helm chart renders it into a ConfigMap).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::net::{SourceSet, parse_ranges};
+use crate::node::PoolName;
+use crate::{Error, Result};
+
+/// The node labels that name a node's pool, in priority order, when the config gives none.
+pub const DEFAULT_POOL_LABELS: &[&str] = &[
+    "nodeport-firewall.io/pool",
+    "eks.amazonaws.com/nodegroup",
+    "alpha.eksctl.io/nodegroup-name",
+    "karpenter.sh/nodepool",
+    "cloud.google.com/gke-nodepool",
+    "kubernetes.azure.com/agentpool",
+    "agentpool",
+    "kops.k8s.io/instancegroup",
+];
+
+/// How ports of one protocol and source set are combined into ranges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortMerge {
+    /// Merge exactly contiguous ports (30001 and 30002 become 30001-30002). Never opens a
+    /// port nobody asked for.
+    #[default]
+    Contiguous,
+    /// One entry per port.
+    None,
+}
+
+/// Operator-wide safety policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Policy {
+    /// Allow `0.0.0.0/0` and `::/0`. Off by default.
+    pub allow_world_open: bool,
+    /// Most source ranges one Service may ask for, after merging.
+    pub max_ranges_per_service: usize,
+    pub port_merge: PortMerge,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { allow_world_open: false, max_ranges_per_service: 32, port_merge: PortMerge::Contiguous }
+    }
+}
+
+/// Per-pool overrides. Provider sections are opaque here and validated by that provider.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PoolConfig {
+    /// Whether the operator manages this pool. Default: `manageUnlistedPools` for pools not
+    /// listed, `true` for listed ones.
+    pub managed: Option<bool>,
+    pub aws: Option<serde_json::Value>,
+    pub gcp: Option<serde_json::Value>,
+    pub azure: Option<serde_json::Value>,
+    pub memory: Option<serde_json::Value>,
+}
+
+impl PoolConfig {
+    /// The override section for one provider.
+    pub fn provider(&self, provider: &str) -> Option<&serde_json::Value> {
+        match provider {
+            "aws" => self.aws.as_ref(),
+            "gcp" => self.gcp.as_ref(),
+            "azure" => self.azure.as_ref(),
+            "memory" => self.memory.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawConfig {
+    cluster_name: Option<String>,
+    #[serde(default)]
+    manage_all_node_port_services: bool,
+    pool_labels: Option<Vec<String>>,
+    #[serde(default)]
+    default_source_ranges: Vec<String>,
+    #[serde(default)]
+    policy: Policy,
+    #[serde(default)]
+    pools: BTreeMap<String, PoolConfig>,
+    manage_unlisted_pools: Option<bool>,
+    aws: Option<serde_json::Value>,
+    gcp: Option<serde_json::Value>,
+    azure: Option<serde_json::Value>,
+    memory: Option<serde_json::Value>,
+}
+
+/// The validated operator config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Goes into every ownership marker. Rules marked with another cluster are never touched.
+    pub cluster_name: String,
+    /// Manage every NodePort Service unless it opts out, instead of only those that opt in.
+    pub manage_all_node_port_services: bool,
+    pub pool_labels: Vec<String>,
+    /// Used for a managed Service that has no `allowed-source-ranges`. Empty by default: such
+    /// a Service opens nothing and gets a warning.
+    pub default_sources: SourceSet,
+    pub policy: Policy,
+    pub pools: BTreeMap<PoolName, PoolConfig>,
+    /// Whether pools found on Nodes but not listed under `pools` are managed.
+    pub manage_unlisted_pools: bool,
+    /// Provider sections, opaque here: each provider validates its own.
+    pub providers: BTreeMap<String, serde_json::Value>,
+}
+
+impl Config {
+    /// A minimal config for tests and examples.
+    pub fn new(cluster_name: &str) -> Self {
+        Config {
+            cluster_name: cluster_name.to_string(),
+            manage_all_node_port_services: false,
+            pool_labels: DEFAULT_POOL_LABELS.iter().map(|s| s.to_string()).collect(),
+            default_sources: SourceSet::default(),
+            policy: Policy::default(),
+            pools: BTreeMap::new(),
+            manage_unlisted_pools: true,
+            providers: BTreeMap::new(),
+        }
+    }
+
+    /// Parses and validates a YAML config. Every unknown key is reported by its path.
+    pub fn from_yaml(text: &str) -> Result<Self> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let mut unknown = BTreeSet::new();
+        let raw: RawConfig = serde_ignored::deserialize(de, |path| {
+            unknown.insert(path.to_string());
+        })
+        .map_err(|e| Error::Config(e.to_string()))?;
+        if !unknown.is_empty() {
+            let keys: Vec<String> = unknown.into_iter().collect();
+            return Err(Error::Config(format!("unknown keys: {}", keys.join(", "))));
+        }
+        Self::validate(raw)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Self> {
+        let mut problems = Vec::new();
+        let cluster_name = raw.cluster_name.unwrap_or_default();
+        if cluster_name.is_empty() {
+            problems.push("clusterName is required".to_string());
+        } else if !valid_cluster_name(&cluster_name) {
+            problems.push(format!(
+                "clusterName {cluster_name:?} must be 1-63 characters of letters, digits, '-', '_' or '.', starting with a letter or digit"
+            ));
+        }
+        let pool_labels = raw
+            .pool_labels
+            .unwrap_or_else(|| DEFAULT_POOL_LABELS.iter().map(|s| s.to_string()).collect());
+        if pool_labels.is_empty() {
+            problems.push("poolLabels must name at least one label".to_string());
+        }
+        let mut default_sources = SourceSet::default();
+        match parse_ranges(&raw.default_source_ranges.join(",")) {
+            Ok(parsed) => {
+                let world = parsed.set.world_open();
+                if !world.is_empty() && !raw.policy.allow_world_open {
+                    problems.push(format!(
+                        "defaultSourceRanges contains {} but policy.allowWorldOpen is false",
+                        crate::rule::join(&world)
+                    ));
+                }
+                default_sources = parsed.set;
+            }
+            Err(errors) => problems.push(format!("defaultSourceRanges: {}", errors.join("; "))),
+        }
+        if raw.policy.max_ranges_per_service == 0 {
+            problems.push("policy.maxRangesPerService must be at least 1".to_string());
+        }
+        for name in raw.pools.keys() {
+            if !crate::annotations::valid_pool_name(name) {
+                problems.push(format!("pools: {name:?} is not a valid label value"));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::Config(problems.join("; ")));
+        }
+        let mut providers = BTreeMap::new();
+        for (name, value) in [("aws", raw.aws), ("gcp", raw.gcp), ("azure", raw.azure), ("memory", raw.memory)] {
+            if let Some(v) = value {
+                providers.insert(name.to_string(), v);
+            }
+        }
+        Ok(Config {
+            cluster_name,
+            manage_all_node_port_services: raw.manage_all_node_port_services,
+            pool_labels,
+            default_sources,
+            policy: raw.policy,
+            pools: raw.pools.into_iter().map(|(k, v)| (PoolName(k), v)).collect(),
+            manage_unlisted_pools: raw.manage_unlisted_pools.unwrap_or(true),
+            providers,
+        })
+    }
+
+    /// Whether the operator manages `pool`.
+    pub fn pool_managed(&self, pool: &PoolName) -> bool {
+        match self.pools.get(pool) {
+            Some(p) => p.managed.unwrap_or(true),
+            None => self.manage_unlisted_pools,
+        }
+    }
+
+    /// A provider's section of the config, if any.
+    pub fn provider_section(&self, provider: &str) -> Option<&serde_json::Value> {
+        self.providers.get(provider)
+    }
+}
+
+fn valid_cluster_name(s: &str) -> bool {
+    s.len() <= 63
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_yaml("clusterName: prod\n").unwrap();
+        assert_eq!(c.cluster_name, "prod");
+        assert_eq!(c.pool_labels.len(), DEFAULT_POOL_LABELS.len());
+        assert!(c.default_sources.is_empty());
+        assert!(!c.policy.allow_world_open);
+        assert!(c.manage_unlisted_pools);
+    }
+
+    #[test]
+    fn config_errors_table() {
+        let cases: &[(&str, &str)] = &[
+            ("{}", "clusterName is required"),
+            ("clusterName: ''", "clusterName is required"),
+            ("clusterName: 'has space'", "must be 1-63 characters"),
+            ("clusterName: a\nfoo: 1\nbar: 2", "unknown keys: bar, foo"),
+            ("clusterName: a\npolicy:\n  allowWorldOpn: true", "unknown keys: policy.allowWorldOpn"),
+            ("clusterName: a\npools:\n  web:\n    managd: false", "unknown keys: pools.web.managd"),
+            ("clusterName: a\ndefaultSourceRanges: [0.0.0.0/0]", "policy.allowWorldOpen is false"),
+            ("clusterName: a\ndefaultSourceRanges: [nope]", "defaultSourceRanges"),
+            ("clusterName: a\npolicy:\n  maxRangesPerService: 0", "at least 1"),
+            ("clusterName: a\npoolLabels: []", "at least one label"),
+            ("clusterName: a\npolicy:\n  portMerge: wide", "unknown variant"),
+            ("clusterName: [a]", "invalid type"),
+        ];
+        for (yaml, want) in cases {
+            let err = Config::from_yaml(yaml).unwrap_err().to_string();
+            assert!(err.contains(want), "{yaml:?}: got {err:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn pool_management() {
+        let c = Config::from_yaml(
+            "clusterName: a\nmanageUnlistedPools: false\npools:\n  web: {}\n  batch:\n    managed: false\n",
+        )
+        .unwrap();
+        assert!(c.pool_managed(&PoolName::new("web")));
+        assert!(!c.pool_managed(&PoolName::new("batch")));
+        assert!(!c.pool_managed(&PoolName::new("other")));
+    }
+
+    #[test]
+    fn world_open_default_allowed_by_policy() {
+        let c = Config::from_yaml(
+            "clusterName: a\ndefaultSourceRanges: ['0.0.0.0/0']\npolicy:\n  allowWorldOpen: true\n",
+        )
+        .unwrap();
+        assert_eq!(c.default_sources.len(), 1);
+    }
+}

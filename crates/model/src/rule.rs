@@ -1,0 +1,400 @@
+//! Provider-neutral rules, the limits a target imposes on them, and the generic renderer
+//! that turns grants into rules under those limits.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::PortMerge;
+use crate::desired::{Grant, PortGrant};
+use crate::net::IpFamily;
+use crate::node::PoolName;
+use crate::plan::Target;
+use crate::service::ServiceRef;
+
+/// A transport protocol a Service port can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_uppercase().as_str() {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Ok(Protocol::Sctp),
+            _ => Err(format!("unsupported protocol {s:?} (expected TCP, UDP or SCTP)")),
+        }
+    }
+}
+
+/// An inclusive range of ports. A single port has `from == to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PortRange {
+    pub from: u16,
+    pub to: u16,
+}
+
+impl PortRange {
+    pub fn single(port: u16) -> Self {
+        PortRange { from: port, to: port }
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.from <= port && port <= self.to
+    }
+
+    pub fn len(&self) -> u32 {
+        u32::from(self.to) - u32::from(self.from) + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.from == self.to {
+            write!(f, "{}", self.from)
+        } else {
+            write!(f, "{}-{}", self.from, self.to)
+        }
+    }
+}
+
+/// What a rule lets through: the part that decides whether two rules are the same rule.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleContent {
+    /// Where inside the target the rule applies (a GCP target tag, an Azure destination).
+    /// `None` when the target itself is the scope (an AWS security group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    pub family: IpFamily,
+    pub protocol: Protocol,
+    pub ports: Vec<PortRange>,
+    pub sources: Vec<IpNet>,
+}
+
+/// A provider-neutral firewall rule: content plus the ownership metadata written with it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rule {
+    /// The native name, for providers whose rules have names (GCP, Azure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(flatten)]
+    pub content: RuleContent,
+    /// The Services this rule serves, as recorded in its ownership marker.
+    #[serde(default)]
+    pub services: BTreeSet<ServiceRef>,
+    /// The node pools this rule serves.
+    #[serde(default)]
+    pub pools: BTreeSet<PoolName>,
+}
+
+impl Rule {
+    /// Whether this rule covers `port` of `protocol` from `source`.
+    pub fn covers(&self, protocol: Protocol, port: u16, source: &IpNet) -> bool {
+        self.content.protocol == protocol
+            && self.content.ports.iter().any(|r| r.contains(port))
+            && self.content.sources.iter().any(|s| s.contains(source))
+    }
+
+    /// Human-readable ports, e.g. `30080,30090-30091`.
+    pub fn ports_text(&self) -> String {
+        join(&self.content.ports)
+    }
+
+    /// Human-readable sources.
+    pub fn sources_text(&self) -> String {
+        join(&self.content.sources)
+    }
+
+    /// Human-readable Services.
+    pub fn services_text(&self) -> String {
+        join(&self.services)
+    }
+}
+
+pub(crate) fn join<T: fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    let mut out = String::new();
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&item.to_string());
+    }
+    out
+}
+
+/// The limits a target imposes. Providers fill these from the cloud's documented quotas and
+/// the operator config; the planner refuses a plan that breaks one before any API call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Limits {
+    /// Rules allowed on the target, counting rules of others already there. `None`: no quota.
+    pub max_rules: Option<usize>,
+    /// EC2 counts IPv4 and IPv6 rules against separate quotas of `max_rules` each.
+    pub rules_counted_per_family: bool,
+    /// Port ranges one rule may hold (EC2: 1).
+    pub max_ports_per_rule: usize,
+    /// Source ranges one rule may hold (EC2: 1).
+    pub max_sources_per_rule: usize,
+    /// Source prefixes summed over all rules of the target (Azure NSG: 4000). `None`: no limit.
+    pub max_total_sources: Option<usize>,
+    /// Whether a named rule can be changed in place (GCP patch, Azure PUT). Without it a
+    /// change is an add of the new rule and a remove of the old one.
+    pub updates_in_place: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_rules: None,
+            rules_counted_per_family: false,
+            max_ports_per_rule: 1,
+            max_sources_per_rule: 1,
+            max_total_sources: None,
+            updates_in_place: false,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks one rule against the per-rule limits; returns what it breaks.
+    pub fn check_rule(&self, rule: &Rule) -> Option<String> {
+        let c = &rule.content;
+        if c.ports.is_empty() || c.sources.is_empty() {
+            return Some("rule has no ports or no sources".to_string());
+        }
+        if c.ports.len() > self.max_ports_per_rule.max(1) {
+            return Some(format!(
+                "rule has {} port ranges, limit is {}",
+                c.ports.len(),
+                self.max_ports_per_rule
+            ));
+        }
+        if c.sources.len() > self.max_sources_per_rule.max(1) {
+            return Some(format!(
+                "rule has {} sources, limit is {}",
+                c.sources.len(),
+                self.max_sources_per_rule
+            ));
+        }
+        if c.sources.iter().any(|s| IpFamily::of(s) != c.family) {
+            return Some("rule mixes IPv4 and IPv6 sources".to_string());
+        }
+        None
+    }
+}
+
+/// What a renderer knows about the place it renders for.
+#[derive(Debug, Clone)]
+pub struct RenderContext<'a> {
+    pub cluster: &'a str,
+    pub target: &'a Target,
+    pub scope: Option<&'a str>,
+    pub pools: &'a BTreeSet<PoolName>,
+    pub limits: &'a Limits,
+    pub port_merge: PortMerge,
+}
+
+/// Turns provider-neutral grants into a provider's rules. Pure: renderers do no I/O.
+pub trait Render: Send + Sync {
+    fn render(&self, ctx: &RenderContext<'_>, grants: &[Grant]) -> Vec<Rule>;
+}
+
+/// The parts a rule name is built from, so that names are stable while ports change.
+#[derive(Debug, Clone)]
+pub struct NameParts<'a> {
+    pub cluster: &'a str,
+    pub scope: Option<&'a str>,
+    pub pools: &'a BTreeSet<PoolName>,
+    pub protocol: Protocol,
+    pub family: IpFamily,
+    pub sources: &'a [IpNet],
+    /// Index of this rule among the rules of the same protocol and sources, when limits
+    /// split them.
+    pub chunk: usize,
+}
+
+impl NameParts<'_> {
+    /// A short, stable hash of everything but the ports: 10 hex characters.
+    pub fn short_hash(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(self.cluster.as_bytes());
+        h.update([0]);
+        h.update(self.scope.unwrap_or("").as_bytes());
+        h.update([0]);
+        h.update(join(self.pools).as_bytes());
+        h.update([0]);
+        h.update(self.protocol.as_str().as_bytes());
+        h.update(self.family.to_string().as_bytes());
+        h.update(join(self.sources).as_bytes());
+        h.update(self.chunk.to_le_bytes());
+        let digest = h.finalize();
+        digest.iter().take(5).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+type Namer = dyn Fn(&NameParts<'_>) -> String + Send + Sync;
+
+/// The generic renderer: one rule per (scope, protocol, source set, IP family), split into
+/// as many rules as the per-rule port and source limits require. Providers configure it with
+/// a namer when their rules have names.
+pub struct ShapeRenderer {
+    namer: Option<Box<Namer>>,
+}
+
+impl fmt::Debug for ShapeRenderer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShapeRenderer").field("named", &self.namer.is_some()).finish()
+    }
+}
+
+impl ShapeRenderer {
+    /// Rules without names, identified by their content (EC2 style).
+    pub fn unnamed() -> Self {
+        ShapeRenderer { namer: None }
+    }
+
+    /// Rules named by `namer`, which must be deterministic.
+    pub fn named(namer: impl Fn(&NameParts<'_>) -> String + Send + Sync + 'static) -> Self {
+        ShapeRenderer { namer: Some(Box::new(namer)) }
+    }
+}
+
+/// Merges the port grants of one protocol and source set into ranges. Only exactly
+/// contiguous ports are merged, so a range never covers a port nobody asked for.
+pub fn merge_ports(entries: &[PortGrant], policy: PortMerge) -> Vec<(PortRange, BTreeSet<ServiceRef>)> {
+    let mut sorted: Vec<&PortGrant> = entries.iter().collect();
+    sorted.sort_by_key(|e| e.port);
+    let mut out: Vec<(PortRange, BTreeSet<ServiceRef>)> = Vec::new();
+    for entry in sorted {
+        if let Some((range, services)) = out.last_mut() {
+            if range.to == entry.port {
+                services.extend(entry.services.iter().cloned());
+                continue;
+            }
+            if policy == PortMerge::Contiguous && u32::from(range.to) + 1 == u32::from(entry.port) {
+                range.to = entry.port;
+                services.extend(entry.services.iter().cloned());
+                continue;
+            }
+        }
+        out.push((PortRange::single(entry.port), entry.services.iter().cloned().collect()));
+    }
+    out
+}
+
+impl Render for ShapeRenderer {
+    fn render(&self, ctx: &RenderContext<'_>, grants: &[Grant]) -> Vec<Rule> {
+        let mut rules = Vec::new();
+        let max_ports = ctx.limits.max_ports_per_rule.max(1);
+        let max_sources = ctx.limits.max_sources_per_rule.max(1);
+        for grant in grants {
+            let ranges = merge_ports(&grant.ports, ctx.port_merge);
+            if ranges.is_empty() {
+                continue;
+            }
+            for family in [IpFamily::V4, IpFamily::V6] {
+                let sources = grant.sources.family(family);
+                let mut chunk = 0;
+                for source_chunk in sources.chunks(max_sources) {
+                    for port_chunk in ranges.chunks(max_ports) {
+                        let services: BTreeSet<ServiceRef> =
+                            port_chunk.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
+                        let name = self.namer.as_ref().map(|namer| {
+                            namer(&NameParts {
+                                cluster: ctx.cluster,
+                                scope: ctx.scope,
+                                pools: ctx.pools,
+                                protocol: grant.protocol,
+                                family,
+                                sources: source_chunk,
+                                chunk,
+                            })
+                        });
+                        chunk += 1;
+                        rules.push(Rule {
+                            name,
+                            content: RuleContent {
+                                scope: ctx.scope.map(str::to_string),
+                                family,
+                                protocol: grant.protocol,
+                                ports: port_chunk.iter().map(|(r, _)| *r).collect(),
+                                sources: source_chunk.to_vec(),
+                            },
+                            services,
+                            pools: ctx.pools.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        rules.sort();
+        rules
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pg(port: u16, svc: &str) -> PortGrant {
+        PortGrant { port, services: vec![ServiceRef::new("default", svc)].into() }
+    }
+
+    #[test]
+    fn merge_table() {
+        let cases: &[(&[u16], PortMerge, &[&str])] = &[
+            (&[30001, 30002, 30003], PortMerge::Contiguous, &["30001-30003"]),
+            (&[30001, 30003], PortMerge::Contiguous, &["30001", "30003"]),
+            (&[30003, 30001, 30002], PortMerge::Contiguous, &["30001-30003"]),
+            (&[30001, 30002], PortMerge::None, &["30001", "30002"]),
+            (&[65534, 65535], PortMerge::Contiguous, &["65534-65535"]),
+            (&[], PortMerge::Contiguous, &[]),
+        ];
+        for (ports, policy, want) in cases {
+            let entries: Vec<PortGrant> = ports.iter().map(|p| pg(*p, "a")).collect();
+            let got: Vec<String> =
+                merge_ports(&entries, *policy).iter().map(|(r, _)| r.to_string()).collect();
+            assert_eq!(&got, want, "{ports:?} {policy:?}");
+        }
+    }
+
+    #[test]
+    fn protocol_parsing() {
+        assert_eq!("tcp".parse::<Protocol>(), Ok(Protocol::Tcp));
+        assert_eq!("UDP".parse::<Protocol>(), Ok(Protocol::Udp));
+        assert_eq!("SCTP".parse::<Protocol>(), Ok(Protocol::Sctp));
+        assert!("ICMP".parse::<Protocol>().is_err());
+    }
+}
