@@ -31,7 +31,10 @@ pub enum Admission {
     Unmanaged { reason: String },
     /// Managed, but its annotations are invalid: its existing rules are kept exactly as they
     /// are until it is fixed (fail closed).
-    Invalid { errors: Vec<String>, warnings: Vec<String> },
+    Invalid {
+        errors: Vec<String>,
+        warnings: Vec<String>,
+    },
 }
 
 /// A valid managed Service's request.
@@ -50,13 +53,16 @@ pub struct ServiceIntent {
 pub fn valid_pool_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && s.chars().last().is_some_and(|c| c.is_ascii_alphanumeric())
 }
 
 fn tokens(value: &str) -> impl Iterator<Item = &str> {
-    value.split(|c: char| c == ',' || c.is_whitespace()).filter(|t| !t.is_empty())
+    value
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
 }
 
 /// Decides whether `svc` is managed, and validates its annotations if it is.
@@ -68,7 +74,9 @@ pub fn admit(svc: &ServiceSpec, config: &Config) -> Admission {
         Some(v) if v.eq_ignore_ascii_case("false") => Some(false),
         Some(v) => {
             if matches!(svc.service_type, ServiceType::Other(_)) {
-                return Admission::Unmanaged { reason: format!("type {} has no node ports", svc.service_type) };
+                return Admission::Unmanaged {
+                    reason: format!("type {} has no node ports", svc.service_type),
+                };
             }
             return Admission::Invalid {
                 errors: vec![format!("{ENABLED}: {v:?} is not true or false")],
@@ -78,7 +86,9 @@ pub fn admit(svc: &ServiceSpec, config: &Config) -> Admission {
     };
     match svc.service_type {
         ServiceType::Other(ref t) => {
-            return Admission::Unmanaged { reason: format!("type {t} has no node ports") };
+            return Admission::Unmanaged {
+                reason: format!("type {t} has no node ports"),
+            };
         }
         ServiceType::LoadBalancer if enabled != Some(true) => {
             return Admission::Unmanaged {
@@ -86,11 +96,15 @@ pub fn admit(svc: &ServiceSpec, config: &Config) -> Admission {
             };
         }
         ServiceType::NodePort if enabled == Some(false) => {
-            return Admission::Unmanaged { reason: format!("opted out with {ENABLED}=false") };
+            return Admission::Unmanaged {
+                reason: format!("opted out with {ENABLED}=false"),
+            };
         }
         ServiceType::NodePort if enabled.is_none() && !config.manage_all_node_port_services => {
             return Admission::Unmanaged {
-                reason: format!("not opted in: set {ENABLED}=true, or manageAllNodePortServices in the config"),
+                reason: format!(
+                    "not opted in: set {ENABLED}=true, or manageAllNodePortServices in the config"
+                ),
             };
         }
         _ => {}
@@ -117,7 +131,9 @@ pub fn admit(svc: &ServiceSpec, config: &Config) -> Admission {
             let mut chosen = Vec::new();
             let wanted: Vec<&str> = tokens(value).collect();
             if wanted.is_empty() {
-                errors.push(format!("{PORTS}: empty; list port names or numbers, or remove it"));
+                errors.push(format!(
+                    "{PORTS}: empty; list port names or numbers, or remove it"
+                ));
             }
             for w in wanted {
                 let matches: Vec<_> = svc
@@ -138,7 +154,11 @@ pub fn admit(svc: &ServiceSpec, config: &Config) -> Admission {
                         .collect();
                     errors.push(format!(
                         "{PORTS}: {w:?} matches no port of the Service (its ports: {})",
-                        if available.is_empty() { "none".to_string() } else { available.join(", ") }
+                        if available.is_empty() {
+                            "none".to_string()
+                        } else {
+                            available.join(", ")
+                        }
                     ));
                 }
                 chosen.extend(matches);
@@ -171,7 +191,12 @@ pub fn admit(svc: &ServiceSpec, config: &Config) -> Admission {
     let sources = match get(ALLOWED_SOURCE_RANGES) {
         Some(value) => match parse_ranges(value) {
             Ok(parsed) => {
-                warnings.extend(parsed.warnings.into_iter().map(|w| format!("{ALLOWED_SOURCE_RANGES}: {w}")));
+                warnings.extend(
+                    parsed
+                        .warnings
+                        .into_iter()
+                        .map(|w| format!("{ALLOWED_SOURCE_RANGES}: {w}")),
+                );
                 if parsed.set.is_empty() {
                     errors.push(format!(
                         "{ALLOWED_SOURCE_RANGES}: empty; list CIDRs such as 203.0.113.0/24, or remove it to use the default"
@@ -194,7 +219,10 @@ pub fn admit(svc: &ServiceSpec, config: &Config) -> Admission {
                 parsed.set
             }
             Err(bad) => {
-                errors.extend(bad.into_iter().map(|e| format!("{ALLOWED_SOURCE_RANGES}: {e}")));
+                errors.extend(
+                    bad.into_iter()
+                        .map(|e| format!("{ALLOWED_SOURCE_RANGES}: {e}")),
+                );
                 SourceSet::default()
             }
         },
@@ -221,7 +249,9 @@ pub fn admit(svc: &ServiceSpec, config: &Config) -> Admission {
                 }
             }
             if names.is_empty() && errors.is_empty() {
-                errors.push(format!("{NODE_POOLS}: empty; list pool names, or remove it for all managed pools"));
+                errors.push(format!(
+                    "{NODE_POOLS}: empty; list pool names, or remove it for all managed pools"
+                ));
             }
             PoolSelector::Named(names)
         }
@@ -250,7 +280,12 @@ fn similar(known: &str, given: &str) -> bool {
         return false;
     }
     let common = a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count();
-    let common_tail = a.chars().rev().zip(b.chars().rev()).take_while(|(x, y)| x == y).count();
+    let common_tail = a
+        .chars()
+        .rev()
+        .zip(b.chars().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
     common + common_tail + 2 >= a.len().min(b.len())
 }
 
@@ -263,7 +298,9 @@ mod tests {
     }
 
     fn web() -> ServiceSpec {
-        ServiceSpec::nodeport("default", "web").with_port("http", "TCP", 80, 30080).enabled()
+        ServiceSpec::nodeport("default", "web")
+            .with_port("http", "TCP", 80, 30080)
+            .enabled()
     }
 
     fn errors(a: Admission) -> Vec<String> {
@@ -284,7 +321,9 @@ mod tests {
     fn which_services_are_managed() {
         let mut all = cfg();
         all.manage_all_node_port_services = true;
-        let np = ServiceSpec::nodeport("d", "s").with_port("", "TCP", 80, 30080).with_ranges("10.0.0.0/8");
+        let np = ServiceSpec::nodeport("d", "s")
+            .with_port("", "TCP", 80, 30080)
+            .with_ranges("10.0.0.0/8");
         let lb = np.clone().with_type(ServiceType::LoadBalancer);
         let cip = np.clone().with_type(ServiceType::Other("ClusterIP".into()));
         // (service, manage all?, managed?)
@@ -301,30 +340,60 @@ mod tests {
         for (svc, manage_all, managed) in cases {
             let c = if manage_all { all.clone() } else { cfg() };
             let a = admit(&svc, &c);
-            assert_eq!(matches!(a, Admission::Managed(_)), managed, "{svc:?} manage_all={manage_all}: {a:?}");
+            assert_eq!(
+                matches!(a, Admission::Managed(_)),
+                managed,
+                "{svc:?} manage_all={manage_all}: {a:?}"
+            );
         }
     }
 
     #[test]
     fn invalid_annotations_table() {
         let cases: &[(ServiceSpec, &str)] = &[
-            (web().with_annotation("enabled", "yes"), "is not true or false"),
-            (web().with_ranges("10.0.0.0/33"), "not an IPv4/IPv6 address or CIDR"),
+            (
+                web().with_annotation("enabled", "yes"),
+                "is not true or false",
+            ),
+            (
+                web().with_ranges("10.0.0.0/33"),
+                "not an IPv4/IPv6 address or CIDR",
+            ),
             (web().with_ranges(" , "), "empty"),
             (web().with_ranges("0.0.0.0/0"), "whole Internet"),
             (web().with_ranges("::/0"), "whole Internet"),
             (web().with_annotation("ports", "https"), "matches no port"),
             (web().with_annotation("ports", ""), "empty"),
-            (web().with_annotation("node-pools", "bad_pool!"), "not a valid pool name"),
+            (
+                web().with_annotation("node-pools", "bad_pool!"),
+                "not a valid pool name",
+            ),
             (web().with_annotation("node-pools", ","), "empty"),
-            (web().with_annotation("allowed-source-range", "10.0.0.0/8"), "did you mean nodeport-firewall.io/allowed-source-ranges"),
+            (
+                web().with_annotation("allowed-source-range", "10.0.0.0/8"),
+                "did you mean nodeport-firewall.io/allowed-source-ranges",
+            ),
             (web().with_annotation("colour", "x"), "unknown annotation"),
-            (web().with_ranges("10.0.0.0/8").with_port("q", "ICMP", 1, 30001), "unsupported protocol"),
-            (web().with_ranges("10.0.0.0/8").with_port("q", "TCP", 1, 70000), "outside 1-65535"),
+            (
+                web()
+                    .with_ranges("10.0.0.0/8")
+                    .with_port("q", "ICMP", 1, 30001),
+                "unsupported protocol",
+            ),
+            (
+                web()
+                    .with_ranges("10.0.0.0/8")
+                    .with_port("q", "TCP", 1, 70000),
+                "outside 1-65535",
+            ),
         ];
         for (svc, want) in cases {
             let errs = errors(admit(svc, &cfg()));
-            assert!(errs.iter().any(|e| e.contains(want)), "{:?}: {errs:?} should contain {want:?}", svc.annotations);
+            assert!(
+                errs.iter().any(|e| e.contains(want)),
+                "{:?}: {errs:?} should contain {want:?}",
+                svc.annotations
+            );
         }
     }
 
@@ -332,10 +401,16 @@ mod tests {
     fn too_many_ranges_counts_after_merging() {
         let mut c = cfg();
         c.policy.max_ranges_per_service = 2;
-        let errs = errors(admit(&web().with_ranges("10.0.0.0/8 12.0.0.0/8 14.0.0.0/8"), &c));
+        let errs = errors(admit(
+            &web().with_ranges("10.0.0.0/8 12.0.0.0/8 14.0.0.0/8"),
+            &c,
+        ));
         assert!(errs[0].contains("more than the policy allows"), "{errs:?}");
         // 10/8 and 11/8 are adjacent and merge into 10/7: two ranges, within the limit.
-        let i = intent(admit(&web().with_ranges("10.0.0.0/8 11.0.0.0/8 13.0.0.0/8"), &c));
+        let i = intent(admit(
+            &web().with_ranges("10.0.0.0/8 11.0.0.0/8 13.0.0.0/8"),
+            &c,
+        ));
         assert_eq!(i.sources.to_string(), "10.0.0.0/7,13.0.0.0/8");
     }
 
@@ -350,15 +425,23 @@ mod tests {
             .with_annotation("ports", "dns-udp 53")
             .with_annotation("node-pools", "edge, core");
         let i = intent(admit(&svc, &cfg()));
-        assert_eq!(i.ports, vec![(Protocol::Tcp, 30053), (Protocol::Udp, 30053)]);
+        assert_eq!(
+            i.ports,
+            vec![(Protocol::Tcp, 30053), (Protocol::Udp, 30053)]
+        );
         assert_eq!(i.sources.to_string(), "10.1.0.0/16,2001:db8::/48");
-        assert_eq!(i.pools, PoolSelector::Named([PoolName::new("core"), PoolName::new("edge")].into()));
+        assert_eq!(
+            i.pools,
+            PoolSelector::Named([PoolName::new("core"), PoolName::new("edge")].into())
+        );
         assert_eq!(i.warnings.len(), 1, "host bits warning: {:?}", i.warnings);
     }
 
     #[test]
     fn no_allowlist_opens_nothing_with_a_warning() {
-        let svc = ServiceSpec::nodeport("d", "s").with_port("", "TCP", 80, 30080).enabled();
+        let svc = ServiceSpec::nodeport("d", "s")
+            .with_port("", "TCP", 80, 30080)
+            .enabled();
         let i = intent(admit(&svc, &cfg()));
         assert!(i.sources.is_empty());
         assert!(i.warnings[0].contains("nothing is opened"));

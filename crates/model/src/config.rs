@@ -45,7 +45,11 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { allow_world_open: false, max_ranges_per_service: 32, port_merge: PortMerge::Contiguous }
+        Policy {
+            allow_world_open: false,
+            max_ranges_per_service: 32,
+            port_merge: PortMerge::Contiguous,
+        }
     }
 }
 
@@ -186,7 +190,12 @@ impl Config {
             return Err(Error::Config(problems.join("; ")));
         }
         let mut providers = BTreeMap::new();
-        for (name, value) in [("aws", raw.aws), ("gcp", raw.gcp), ("azure", raw.azure), ("memory", raw.memory)] {
+        for (name, value) in [
+            ("aws", raw.aws),
+            ("gcp", raw.gcp),
+            ("azure", raw.azure),
+            ("memory", raw.memory),
+        ] {
             if let Some(v) = value {
                 providers.insert(name.to_string(), v);
             }
@@ -197,7 +206,11 @@ impl Config {
             pool_labels,
             default_sources,
             policy: raw.policy,
-            pools: raw.pools.into_iter().map(|(k, v)| (PoolName(k), v)).collect(),
+            pools: raw
+                .pools
+                .into_iter()
+                .map(|(k, v)| (PoolName(k), v))
+                .collect(),
             manage_unlisted_pools: raw.manage_unlisted_pools.unwrap_or(true),
             providers,
         })
@@ -220,7 +233,8 @@ impl Config {
 fn valid_cluster_name(s: &str) -> bool {
     s.len() <= 63
         && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 #[cfg(test)]
@@ -244,13 +258,31 @@ mod tests {
             ("clusterName: ''", "clusterName is required"),
             ("clusterName: 'has space'", "must be 1-63 characters"),
             ("clusterName: a\nfoo: 1\nbar: 2", "unknown keys: bar, foo"),
-            ("clusterName: a\npolicy:\n  allowWorldOpn: true", "unknown keys: policy.allowWorldOpn"),
-            ("clusterName: a\npools:\n  web:\n    managd: false", "unknown keys: pools.web.managd"),
-            ("clusterName: a\ndefaultSourceRanges: [0.0.0.0/0]", "policy.allowWorldOpen is false"),
-            ("clusterName: a\ndefaultSourceRanges: [nope]", "defaultSourceRanges"),
-            ("clusterName: a\npolicy:\n  maxRangesPerService: 0", "at least 1"),
+            (
+                "clusterName: a\npolicy:\n  allowWorldOpn: true",
+                "unknown keys: policy.allowWorldOpn",
+            ),
+            (
+                "clusterName: a\npools:\n  web:\n    managd: false",
+                "unknown keys: pools.web.managd",
+            ),
+            (
+                "clusterName: a\ndefaultSourceRanges: [0.0.0.0/0]",
+                "policy.allowWorldOpen is false",
+            ),
+            (
+                "clusterName: a\ndefaultSourceRanges: [nope]",
+                "defaultSourceRanges",
+            ),
+            (
+                "clusterName: a\npolicy:\n  maxRangesPerService: 0",
+                "at least 1",
+            ),
             ("clusterName: a\npoolLabels: []", "at least one label"),
-            ("clusterName: a\npolicy:\n  portMerge: wide", "unknown variant"),
+            (
+                "clusterName: a\npolicy:\n  portMerge: wide",
+                "unknown variant",
+            ),
             ("clusterName: [a]", "invalid type"),
         ];
         for (yaml, want) in cases {

@@ -135,7 +135,10 @@ pub fn merge_grants<'a>(sets: impl IntoIterator<Item = &'a [Grant]>) -> Vec<Gran
         for g in grants {
             let entry = map.entry((g.protocol, g.sources.clone())).or_default();
             for p in &g.ports {
-                entry.entry(p.port).or_default().extend(p.services.iter().cloned());
+                entry
+                    .entry(p.port)
+                    .or_default()
+                    .extend(p.services.iter().cloned());
             }
         }
     }
@@ -153,7 +156,11 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
     }
     for node in nodes {
         match node.pool(&config.pool_labels) {
-            Some(pool) => pools.entry(pool.clone()).or_insert_with(|| new_pool(config, &pool)).nodes.push(node.clone()),
+            Some(pool) => pools
+                .entry(pool.clone())
+                .or_insert_with(|| new_pool(config, &pool))
+                .nodes
+                .push(node.clone()),
             None => unpooled_nodes.push(node.name.clone()),
         }
     }
@@ -231,7 +238,11 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
     // Grants: Services that ask for all pools are grouped once and shared.
     let mut all_map: GrantMap = HashMap::new();
     let mut named: Vec<&ServiceIntent> = Vec::new();
-    let managed: Vec<PoolName> = pools.values().filter(|p| p.managed).map(|p| p.name.clone()).collect();
+    let managed: Vec<PoolName> = pools
+        .values()
+        .filter(|p| p.managed)
+        .map(|p| p.name.clone())
+        .collect();
     for (intent, report_idx) in &valid {
         let report = &mut reports[*report_idx];
         match &intent.pools {
@@ -242,8 +253,12 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
             PoolSelector::Named(names) => {
                 for name in names {
                     match pools.get(name) {
-                        None => report.warnings.push(format!("pool {name} has no nodes and is not in the config")),
-                        Some(p) if !p.managed => report.warnings.push(format!("pool {name} is not managed")),
+                        None => report
+                            .warnings
+                            .push(format!("pool {name} has no nodes and is not in the config")),
+                        Some(p) if !p.managed => {
+                            report.warnings.push(format!("pool {name} is not managed"))
+                        }
                         Some(_) => report.pools.push(name.clone()),
                     }
                 }
@@ -251,7 +266,9 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
             }
         }
         if report.pools.is_empty() && !intent.ports.is_empty() {
-            report.warnings.push("no managed pool to open its ports on".to_string());
+            report
+                .warnings
+                .push("no managed pool to open its ports on".to_string());
         }
     }
     let all_grants = Arc::new(into_grants(all_map));
@@ -268,7 +285,10 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
                 add_intent(&mut map, intent);
             }
             let named_grants = into_grants(map);
-            Arc::new(merge_grants([all_grants.as_slice(), named_grants.as_slice()]))
+            Arc::new(merge_grants([
+                all_grants.as_slice(),
+                named_grants.as_slice(),
+            ]))
         };
     }
 
@@ -307,7 +327,10 @@ mod tests {
     }
 
     fn svc(name: &str, port: i32, ranges: &str) -> ServiceSpec {
-        ServiceSpec::nodeport("default", name).with_port("", "TCP", 80, port).enabled().with_ranges(ranges)
+        ServiceSpec::nodeport("default", name)
+            .with_port("", "TCP", 80, port)
+            .enabled()
+            .with_ranges(ranges)
     }
 
     fn ports_of(pool: &PoolState) -> Vec<(u16, String)> {
@@ -325,7 +348,10 @@ mod tests {
         ];
         let d = desired(&Config::new("c"), &services, &nodes());
         assert_eq!(d.unpooled_nodes, vec!["loose"]);
-        assert_eq!(ports_of(&d.pools[&PoolName::new("a")]), vec![(30001, "10.0.0.0/8".into())]);
+        assert_eq!(
+            ports_of(&d.pools[&PoolName::new("a")]),
+            vec![(30001, "10.0.0.0/8".into())]
+        );
         assert_eq!(
             ports_of(&d.pools[&PoolName::new("b")]),
             vec![(30001, "10.0.0.0/8".into()), (30002, "10.0.0.0/8".into())]
@@ -334,10 +360,17 @@ mod tests {
 
     #[test]
     fn conflicting_node_ports_pin_both_services() {
-        let services = vec![svc("one", 30001, "10.0.0.0/8"), svc("two", 30001, "192.168.0.0/16")];
+        let services = vec![
+            svc("one", 30001, "10.0.0.0/8"),
+            svc("two", 30001, "192.168.0.0/16"),
+        ];
         let d = desired(&Config::new("c"), &services, &nodes());
         assert_eq!(d.pinned.len(), 2);
-        assert!(d.services.iter().all(|r| r.status == ServiceStatus::Invalid));
+        assert!(
+            d.services
+                .iter()
+                .all(|r| r.status == ServiceStatus::Invalid)
+        );
         assert!(d.services[0].errors[0].contains("also claimed by default/two"));
         assert!(d.pools.values().all(|p| p.grants.is_empty()));
     }
@@ -345,19 +378,36 @@ mod tests {
     #[test]
     fn unmanaged_pools_get_nothing_and_named_unknown_pools_warn() {
         let mut config = Config::new("c");
-        config.pools.insert(PoolName::new("b"), crate::config::PoolConfig { managed: Some(false), ..Default::default() });
-        let services = vec![svc("s", 30001, "10.0.0.0/8").with_annotation("node-pools", "b, ghost")];
+        config.pools.insert(
+            PoolName::new("b"),
+            crate::config::PoolConfig {
+                managed: Some(false),
+                ..Default::default()
+            },
+        );
+        let services =
+            vec![svc("s", 30001, "10.0.0.0/8").with_annotation("node-pools", "b, ghost")];
         let d = desired(&config, &services, &nodes());
         assert!(d.pools[&PoolName::new("b")].grants.is_empty());
         let w = &d.services[0].warnings;
-        assert!(w.iter().any(|w| w.contains("pool b is not managed")), "{w:?}");
-        assert!(w.iter().any(|w| w.contains("pool ghost has no nodes")), "{w:?}");
+        assert!(
+            w.iter().any(|w| w.contains("pool b is not managed")),
+            "{w:?}"
+        );
+        assert!(
+            w.iter().any(|w| w.contains("pool ghost has no nodes")),
+            "{w:?}"
+        );
         assert!(w.iter().any(|w| w.contains("no managed pool")), "{w:?}");
     }
 
     #[test]
     fn services_with_identical_sources_share_a_grant() {
-        let services = vec![svc("x", 30001, "10.0.0.0/8"), svc("y", 30005, "10.0.0.0/8"), svc("z", 30003, "10.0.0.0/16")];
+        let services = vec![
+            svc("x", 30001, "10.0.0.0/8"),
+            svc("y", 30005, "10.0.0.0/8"),
+            svc("z", 30003, "10.0.0.0/16"),
+        ];
         let d = desired(&Config::new("c"), &services, &nodes());
         let a = &d.pools[&PoolName::new("a")];
         assert_eq!(a.grants.len(), 2);

@@ -22,7 +22,7 @@ pub mod rule;
 pub mod service;
 
 pub use annotations::{ANNOTATION_PREFIX, Admission, ServiceIntent};
-pub use config::{Config, PoolConfig, Policy, PortMerge};
+pub use config::{Config, Policy, PoolConfig, PortMerge};
 pub use desired::{Desired, Grant, PoolSelector, PoolState, PortGrant, ServiceReport, desired};
 pub use net::{IpFamily, SourceSet};
 pub use node::{NodeSpec, PoolName};

@@ -65,12 +65,20 @@ impl SourceSet {
 
     /// The networks that open to the whole Internet of their family.
     pub fn world_open(&self) -> Vec<IpNet> {
-        self.0.iter().filter(|n| n.prefix_len() == 0).copied().collect()
+        self.0
+            .iter()
+            .filter(|n| n.prefix_len() == 0)
+            .copied()
+            .collect()
     }
 
     /// The subset of one family, in order.
     pub fn family(&self, family: IpFamily) -> Vec<IpNet> {
-        self.0.iter().filter(|n| IpFamily::of(n) == family).copied().collect()
+        self.0
+            .iter()
+            .filter(|n| IpFamily::of(n) == family)
+            .copied()
+            .collect()
     }
 }
 
@@ -104,14 +112,15 @@ pub fn parse_ranges(text: &str) -> Result<ParsedRanges, Vec<String>> {
     let mut nets = Vec::new();
     let mut warnings = Vec::new();
     let mut errors = Vec::new();
-    for token in text.split(|c: char| c == ',' || c.is_whitespace()).filter(|t| !t.is_empty()) {
+    for token in text
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
+    {
         match parse_one(token) {
             Ok(net) => {
                 let canonical = net.trunc();
                 if canonical != net {
-                    warnings.push(format!(
-                        "{token} has host bits set; using {canonical}"
-                    ));
+                    warnings.push(format!("{token} has host bits set; using {canonical}"));
                 }
                 nets.push(canonical);
             }
@@ -121,7 +130,10 @@ pub fn parse_ranges(text: &str) -> Result<ParsedRanges, Vec<String>> {
     if !errors.is_empty() {
         return Err(errors);
     }
-    Ok(ParsedRanges { set: SourceSet::new(nets), warnings })
+    Ok(ParsedRanges {
+        set: SourceSet::new(nets),
+        warnings,
+    })
 }
 
 fn parse_one(token: &str) -> Result<IpNet, String> {
@@ -131,7 +143,9 @@ fn parse_one(token: &str) -> Result<IpNet, String> {
     if let Ok(addr) = token.parse::<IpAddr>() {
         return Ok(IpNet::from(addr));
     }
-    Err(format!("{token:?} is not an IPv4/IPv6 address or CIDR (example: 203.0.113.0/24, 2001:db8::/32)"))
+    Err(format!(
+        "{token:?} is not an IPv4/IPv6 address or CIDR (example: 203.0.113.0/24, 2001:db8::/32)"
+    ))
 }
 
 #[cfg(test)]
@@ -139,7 +153,13 @@ mod tests {
     use super::*;
 
     fn set(s: &str) -> Vec<String> {
-        parse_ranges(s).unwrap().set.nets().iter().map(|n| n.to_string()).collect()
+        parse_ranges(s)
+            .unwrap()
+            .set
+            .nets()
+            .iter()
+            .map(|n| n.to_string())
+            .collect()
     }
 
     #[test]
@@ -147,16 +167,32 @@ mod tests {
         // (input, canonical output, number of warnings)
         let cases: &[(&str, &[&str], usize)] = &[
             ("10.0.0.0/8", &["10.0.0.0/8"], 0),
-            ("10.0.0.0/8,192.168.0.0/16", &["10.0.0.0/8", "192.168.0.0/16"], 0),
-            ("10.0.0.0/8 192.168.0.0/16", &["10.0.0.0/8", "192.168.0.0/16"], 0),
-            (" 10.0.0.0/8 ,\n\t192.168.0.0/16 ,, ", &["10.0.0.0/8", "192.168.0.0/16"], 0),
+            (
+                "10.0.0.0/8,192.168.0.0/16",
+                &["10.0.0.0/8", "192.168.0.0/16"],
+                0,
+            ),
+            (
+                "10.0.0.0/8 192.168.0.0/16",
+                &["10.0.0.0/8", "192.168.0.0/16"],
+                0,
+            ),
+            (
+                " 10.0.0.0/8 ,\n\t192.168.0.0/16 ,, ",
+                &["10.0.0.0/8", "192.168.0.0/16"],
+                0,
+            ),
             ("10.1.2.3/16", &["10.1.0.0/16"], 1),
             ("10.0.0.0/8,10.1.0.0/16", &["10.0.0.0/8"], 0),
             ("10.0.0.0/25,10.0.0.128/25", &["10.0.0.0/24"], 0),
             ("10.0.0.0/24,10.0.0.0/24", &["10.0.0.0/24"], 0),
             ("203.0.113.7", &["203.0.113.7/32"], 0),
             ("2001:db8::1", &["2001:db8::1/128"], 0),
-            ("2001:db8::/32,10.0.0.0/8", &["10.0.0.0/8", "2001:db8::/32"], 0),
+            (
+                "2001:db8::/32,10.0.0.0/8",
+                &["10.0.0.0/8", "2001:db8::/32"],
+                0,
+            ),
             ("2001:db8:0:1::5/64", &["2001:db8:0:1::/64"], 1),
             ("0.0.0.0/1,128.0.0.0/1", &["0.0.0.0/0"], 0),
             ("", &[], 0),
@@ -165,7 +201,12 @@ mod tests {
             let parsed = parse_ranges(input).unwrap();
             let got: Vec<String> = parsed.set.nets().iter().map(|n| n.to_string()).collect();
             assert_eq!(&got, want, "input {input:?}");
-            assert_eq!(parsed.warnings.len(), *warnings, "warnings for {input:?}: {:?}", parsed.warnings);
+            assert_eq!(
+                parsed.warnings.len(),
+                *warnings,
+                "warnings for {input:?}: {:?}",
+                parsed.warnings
+            );
         }
     }
 
@@ -189,6 +230,12 @@ mod tests {
     fn world_open_is_detected_after_merging() {
         assert_eq!(set("0.0.0.0/1, 128.0.0.0/1"), vec!["0.0.0.0/0"]);
         assert_eq!(parse_ranges("::/0").unwrap().set.world_open().len(), 1);
-        assert!(parse_ranges("10.0.0.0/8").unwrap().set.world_open().is_empty());
+        assert!(
+            parse_ranges("10.0.0.0/8")
+                .unwrap()
+                .set
+                .world_open()
+                .is_empty()
+        );
     }
 }

@@ -50,7 +50,12 @@ pub struct NodeSpec {
 
 impl NodeSpec {
     pub fn new(name: &str) -> Self {
-        NodeSpec { name: name.to_string(), labels: BTreeMap::new(), provider_id: None, internal_ips: Vec::new() }
+        NodeSpec {
+            name: name.to_string(),
+            labels: BTreeMap::new(),
+            provider_id: None,
+            internal_ips: Vec::new(),
+        }
     }
 
     pub fn with_label(mut self, key: &str, value: &str) -> Self {
@@ -100,9 +105,19 @@ impl NodeSpec {
             .status
             .as_ref()
             .and_then(|s| s.addresses.as_ref())
-            .map(|a| a.iter().filter(|a| a.type_ == "InternalIP").map(|a| a.address.clone()).collect())
+            .map(|a| {
+                a.iter()
+                    .filter(|a| a.type_ == "InternalIP")
+                    .map(|a| a.address.clone())
+                    .collect()
+            })
             .unwrap_or_default();
-        Ok(NodeSpec { name, labels, provider_id, internal_ips })
+        Ok(NodeSpec {
+            name,
+            labels,
+            provider_id,
+            internal_ips,
+        })
     }
 }
 
@@ -112,12 +127,20 @@ mod tests {
 
     #[test]
     fn first_pool_label_wins() {
-        let labels: Vec<String> =
-            ["eks.amazonaws.com/nodegroup", "karpenter.sh/nodepool"].iter().map(|s| s.to_string()).collect();
+        let labels: Vec<String> = ["eks.amazonaws.com/nodegroup", "karpenter.sh/nodepool"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let cases: &[(&[(&str, &str)], Option<&str>)] = &[
             (&[("eks.amazonaws.com/nodegroup", "ng-1")], Some("ng-1")),
             (&[("karpenter.sh/nodepool", "kp")], Some("kp")),
-            (&[("karpenter.sh/nodepool", "kp"), ("eks.amazonaws.com/nodegroup", "ng-1")], Some("ng-1")),
+            (
+                &[
+                    ("karpenter.sh/nodepool", "kp"),
+                    ("eks.amazonaws.com/nodegroup", "ng-1"),
+                ],
+                Some("ng-1"),
+            ),
             (&[("other", "x")], None),
             (&[("eks.amazonaws.com/nodegroup", "")], None),
             (&[], None),
@@ -127,7 +150,11 @@ mod tests {
             for (k, v) in *node_labels {
                 node = node.with_label(k, v);
             }
-            assert_eq!(node.pool(&labels).as_ref().map(PoolName::as_str), *want, "{node_labels:?}");
+            assert_eq!(
+                node.pool(&labels).as_ref().map(PoolName::as_str),
+                *want,
+                "{node_labels:?}"
+            );
         }
     }
 }

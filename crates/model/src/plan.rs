@@ -23,7 +23,10 @@ pub struct Target {
 
 impl Target {
     pub fn new(provider: &str, id: &str) -> Self {
-        Target { provider: provider.to_string(), id: id.to_string() }
+        Target {
+            provider: provider.to_string(),
+            id: id.to_string(),
+        }
     }
 }
 
@@ -115,7 +118,11 @@ pub enum PlanError {
         limit: usize,
     },
     /// More source prefixes than the target allows in total.
-    SourceQuota { ours: usize, foreign: usize, limit: usize },
+    SourceQuota {
+        ours: usize,
+        foreign: usize,
+        limit: usize,
+    },
     /// A rendered rule breaks a per-rule limit (a renderer bug, caught before the cloud does).
     RuleShape { message: String },
     /// The provider could not read the target.
@@ -125,7 +132,12 @@ pub enum PlanError {
 impl fmt::Display for PlanError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PlanError::RuleQuota { family, ours, foreign, limit } => {
+            PlanError::RuleQuota {
+                family,
+                ours,
+                foreign,
+                limit,
+            } => {
                 let fam = family.map(|f| format!(" {f}")).unwrap_or_default();
                 write!(
                     f,
@@ -133,7 +145,11 @@ impl fmt::Display for PlanError {
                     ours + foreign
                 )
             }
-            PlanError::SourceQuota { ours, foreign, limit } => write!(
+            PlanError::SourceQuota {
+                ours,
+                foreign,
+                limit,
+            } => write!(
                 f,
                 "source prefix quota exceeded: {ours} of ours + {foreign} of others = {}, limit {limit}",
                 ours + foreign
@@ -224,7 +240,9 @@ pub struct Plan {
 
 impl Plan {
     pub fn has_changes(&self) -> bool {
-        self.targets.iter().any(|t| t.error.is_none() && t.has_writes())
+        self.targets
+            .iter()
+            .any(|t| t.error.is_none() && t.has_writes())
     }
 
     pub fn has_errors(&self) -> bool {
@@ -244,8 +262,11 @@ pub fn plan(
     observations: &BTreeMap<Target, Result<Observation, String>>,
     renderer: &dyn Render,
 ) -> Plan {
-    let failed_pools: BTreeSet<&PoolName> =
-        resolutions.iter().filter(|(_, r)| r.is_err()).map(|(p, _)| p).collect();
+    let failed_pools: BTreeSet<&PoolName> = resolutions
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(p, _)| p)
+        .collect();
 
     // target -> scope -> pools
     let mut layout: BTreeMap<&Target, BTreeMap<Option<&str>, BTreeSet<PoolName>>> = BTreeMap::new();
@@ -268,7 +289,13 @@ pub fn plan(
         let observation = match observations.get(target) {
             Some(Ok(o)) => o,
             Some(Err(message)) => {
-                targets.push(errored(target, pools, PlanError::Observe { message: message.clone() }));
+                targets.push(errored(
+                    target,
+                    pools,
+                    PlanError::Observe {
+                        message: message.clone(),
+                    },
+                ));
                 continue;
             }
             None => {
@@ -302,7 +329,14 @@ pub fn plan(
             };
             want.extend(renderer.render(&ctx, grants));
         }
-        targets.push(plan_target(target, pools, want, observation, &desired.pinned, &failed_pools));
+        targets.push(plan_target(
+            target,
+            pools,
+            want,
+            observation,
+            &desired.pinned,
+            &failed_pools,
+        ));
     }
 
     let pools = desired
@@ -359,7 +393,13 @@ fn errored(target: &Target, pools: BTreeSet<PoolName>, error: PlanError) -> Targ
 }
 
 fn change(action: Action, rule: Rule, id: Option<String>) -> Change {
-    Change { action, rule, id, previous: None, note: None }
+    Change {
+        action,
+        rule,
+        id,
+        previous: None,
+        note: None,
+    }
 }
 
 /// Diffs one target. `want` is the rendered desired state of the whole target.
@@ -378,7 +418,12 @@ pub fn plan_target(
     let (owned, foreign): (Vec<&ObservedRule>, Vec<&ObservedRule>) =
         observation.rules.iter().partition(|r| r.owned);
     let pin_reason = |r: &ObservedRule| -> Option<String> {
-        if let Some(s) = r.rule.services.iter().find(|s| pinned_services.contains(*s)) {
+        if let Some(s) = r
+            .rule
+            .services
+            .iter()
+            .find(|s| pinned_services.contains(*s))
+        {
             return Some(format!("kept: {s} has invalid annotations"));
         }
         r.rule
@@ -431,7 +476,11 @@ pub fn plan_target(
             }
         }
         // Otherwise a rule with the same content is the same rule.
-        if let Some(i) = by_content.get(&rule.content).and_then(|c| c.iter().find(|&&i| !matched[i])).copied() {
+        if let Some(i) = by_content
+            .get(&rule.content)
+            .and_then(|c| c.iter().find(|&&i| !matched[i]))
+            .copied()
+        {
             matched[i] = true;
             let old = owned[i];
             // Keep the observed name: it is what the cloud knows the rule by.
@@ -444,7 +493,9 @@ pub fn plan_target(
         }
         if let Some(f) = foreign_content.get(&rule.content) {
             let mut c = change(Action::SatisfiedByForeign, rule, f.id.clone());
-            c.note = Some("already allowed by a rule nodeport-firewall does not own; left as is".to_string());
+            c.note = Some(
+                "already allowed by a rule nodeport-firewall does not own; left as is".to_string(),
+            );
             changes.push(c);
             continue;
         }
@@ -478,7 +529,12 @@ pub fn plan_target(
         .map(|message| PlanError::RuleShape { message });
     let after: Vec<&Rule> = changes
         .iter()
-        .filter(|c| matches!(c.action, Action::Add | Action::Update | Action::Unchanged | Action::Keep))
+        .filter(|c| {
+            matches!(
+                c.action,
+                Action::Add | Action::Update | Action::Unchanged | Action::Keep
+            )
+        })
         .map(|c| &c.rule)
         .collect();
     let families: Vec<Option<IpFamily>> = if limits.rules_counted_per_family {
@@ -488,16 +544,28 @@ pub fn plan_target(
     };
     let in_family = |r: &Rule, f: Option<IpFamily>| f.is_none_or(|f| r.content.family == f);
     let mut remove_first = false;
-    let mut usage = Usage { ours: after.len(), foreign: foreign.len(), limit: limits.max_rules };
+    let mut usage = Usage {
+        ours: after.len(),
+        foreign: foreign.len(),
+        limit: limits.max_rules,
+    };
     if let Some(limit) = limits.max_rules {
         for fam in families {
             let ours = after.iter().filter(|r| in_family(r, fam)).count();
             let theirs = foreign.iter().filter(|r| in_family(&r.rule, fam)).count();
             if ours + theirs > limit && error.is_none() {
-                error = Some(PlanError::RuleQuota { family: fam, ours, foreign: theirs, limit });
+                error = Some(PlanError::RuleQuota {
+                    family: fam,
+                    ours,
+                    foreign: theirs,
+                    limit,
+                });
             }
             let now = owned.iter().filter(|r| in_family(&r.rule, fam)).count();
-            let adds = changes.iter().filter(|c| c.action == Action::Add && in_family(&c.rule, fam)).count();
+            let adds = changes
+                .iter()
+                .filter(|c| c.action == Action::Add && in_family(&c.rule, fam))
+                .count();
             if now + adds + theirs > limit {
                 remove_first = true;
             }
@@ -507,11 +575,22 @@ pub fn plan_target(
         let ours: usize = after.iter().map(|r| r.content.sources.len()).sum();
         let theirs: usize = foreign.iter().map(|r| r.rule.content.sources.len()).sum();
         if ours + theirs > limit && error.is_none() {
-            error = Some(PlanError::SourceQuota { ours, foreign: theirs, limit });
+            error = Some(PlanError::SourceQuota {
+                ours,
+                foreign: theirs,
+                limit,
+            });
         }
     }
     usage.ours = after.len();
-    TargetPlan { target: target.clone(), pools, changes, error, remove_first, usage }
+    TargetPlan {
+        target: target.clone(),
+        pools,
+        changes,
+        error,
+        remove_first,
+        usage,
+    }
 }
 
 fn same_or_update(rule: Rule, old: &ObservedRule) -> Change {

@@ -1,7 +1,7 @@
 //! Provider-neutral rules, the limits a target imposes on them, and the generic renderer
 //! that turns grants into rules under those limits.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -48,7 +48,9 @@ impl FromStr for Protocol {
             "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
             "SCTP" => Ok(Protocol::Sctp),
-            _ => Err(format!("unsupported protocol {s:?} (expected TCP, UDP or SCTP)")),
+            _ => Err(format!(
+                "unsupported protocol {s:?} (expected TCP, UDP or SCTP)"
+            )),
         }
     }
 }
@@ -62,7 +64,10 @@ pub struct PortRange {
 
 impl PortRange {
     pub fn single(port: u16) -> Self {
-        PortRange { from: port, to: port }
+        PortRange {
+            from: port,
+            to: port,
+        }
     }
 
     pub fn contains(&self, port: u16) -> bool {
@@ -275,7 +280,9 @@ pub struct ShapeRenderer {
 
 impl fmt::Debug for ShapeRenderer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ShapeRenderer").field("named", &self.namer.is_some()).finish()
+        f.debug_struct("ShapeRenderer")
+            .field("named", &self.namer.is_some())
+            .finish()
     }
 }
 
@@ -287,13 +294,18 @@ impl ShapeRenderer {
 
     /// Rules named by `namer`, which must be deterministic.
     pub fn named(namer: impl Fn(&NameParts<'_>) -> String + Send + Sync + 'static) -> Self {
-        ShapeRenderer { namer: Some(Box::new(namer)) }
+        ShapeRenderer {
+            namer: Some(Box::new(namer)),
+        }
     }
 }
 
 /// Merges the port grants of one protocol and source set into ranges. Only exactly
 /// contiguous ports are merged, so a range never covers a port nobody asked for.
-pub fn merge_ports(entries: &[PortGrant], policy: PortMerge) -> Vec<(PortRange, BTreeSet<ServiceRef>)> {
+pub fn merge_ports(
+    entries: &[PortGrant],
+    policy: PortMerge,
+) -> Vec<(PortRange, BTreeSet<ServiceRef>)> {
     let mut sorted: Vec<&PortGrant> = entries.iter().collect();
     sorted.sort_by_key(|e| e.port);
     let mut out: Vec<(PortRange, BTreeSet<ServiceRef>)> = Vec::new();
@@ -309,53 +321,69 @@ pub fn merge_ports(entries: &[PortGrant], policy: PortMerge) -> Vec<(PortRange, 
                 continue;
             }
         }
-        out.push((PortRange::single(entry.port), entry.services.iter().cloned().collect()));
+        out.push((
+            PortRange::single(entry.port),
+            entry.services.iter().cloned().collect(),
+        ));
     }
     out
 }
 
 impl Render for ShapeRenderer {
     fn render(&self, ctx: &RenderContext<'_>, grants: &[Grant]) -> Vec<Rule> {
+        // Group by (protocol, family, sources of that family): two Services whose IPv4
+        // allowlists are equal share IPv4 rules even when their IPv6 allowlists differ. Each
+        // port still reaches exactly its own Service's sources.
+        let mut groups: BTreeMap<(Protocol, IpFamily, Vec<IpNet>), Vec<PortGrant>> =
+            BTreeMap::new();
+        for grant in grants {
+            for family in [IpFamily::V4, IpFamily::V6] {
+                let sources = grant.sources.family(family);
+                if sources.is_empty() || grant.ports.is_empty() {
+                    continue;
+                }
+                groups
+                    .entry((grant.protocol, family, sources))
+                    .or_default()
+                    .extend(grant.ports.iter().cloned());
+            }
+        }
         let mut rules = Vec::new();
         let max_ports = ctx.limits.max_ports_per_rule.max(1);
         let max_sources = ctx.limits.max_sources_per_rule.max(1);
-        for grant in grants {
-            let ranges = merge_ports(&grant.ports, ctx.port_merge);
-            if ranges.is_empty() {
-                continue;
-            }
-            for family in [IpFamily::V4, IpFamily::V6] {
-                let sources = grant.sources.family(family);
-                let mut chunk = 0;
-                for source_chunk in sources.chunks(max_sources) {
-                    for port_chunk in ranges.chunks(max_ports) {
-                        let services: BTreeSet<ServiceRef> =
-                            port_chunk.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
-                        let name = self.namer.as_ref().map(|namer| {
-                            namer(&NameParts {
-                                cluster: ctx.cluster,
-                                scope: ctx.scope,
-                                pools: ctx.pools,
-                                protocol: grant.protocol,
-                                family,
-                                sources: source_chunk,
-                                chunk,
-                            })
-                        });
-                        chunk += 1;
-                        rules.push(Rule {
-                            name,
-                            content: RuleContent {
-                                scope: ctx.scope.map(str::to_string),
-                                family,
-                                protocol: grant.protocol,
-                                ports: port_chunk.iter().map(|(r, _)| *r).collect(),
-                                sources: source_chunk.to_vec(),
-                            },
-                            services,
-                            pools: ctx.pools.clone(),
-                        });
-                    }
+        for ((protocol, family, sources), ports) in groups {
+            let ranges = merge_ports(&ports, ctx.port_merge);
+            let mut chunk = 0;
+            for source_chunk in sources.chunks(max_sources) {
+                for port_chunk in ranges.chunks(max_ports) {
+                    let services: BTreeSet<ServiceRef> = port_chunk
+                        .iter()
+                        .flat_map(|(_, s)| s.iter().cloned())
+                        .collect();
+                    let name = self.namer.as_ref().map(|namer| {
+                        namer(&NameParts {
+                            cluster: ctx.cluster,
+                            scope: ctx.scope,
+                            pools: ctx.pools,
+                            protocol,
+                            family,
+                            sources: source_chunk,
+                            chunk,
+                        })
+                    });
+                    chunk += 1;
+                    rules.push(Rule {
+                        name,
+                        content: RuleContent {
+                            scope: ctx.scope.map(str::to_string),
+                            family,
+                            protocol,
+                            ports: port_chunk.iter().map(|(r, _)| *r).collect(),
+                            sources: source_chunk.to_vec(),
+                        },
+                        services,
+                        pools: ctx.pools.clone(),
+                    });
                 }
             }
         }
@@ -369,23 +397,36 @@ mod tests {
     use super::*;
 
     fn pg(port: u16, svc: &str) -> PortGrant {
-        PortGrant { port, services: vec![ServiceRef::new("default", svc)].into() }
+        PortGrant {
+            port,
+            services: vec![ServiceRef::new("default", svc)].into(),
+        }
     }
 
     #[test]
     fn merge_table() {
         let cases: &[(&[u16], PortMerge, &[&str])] = &[
-            (&[30001, 30002, 30003], PortMerge::Contiguous, &["30001-30003"]),
+            (
+                &[30001, 30002, 30003],
+                PortMerge::Contiguous,
+                &["30001-30003"],
+            ),
             (&[30001, 30003], PortMerge::Contiguous, &["30001", "30003"]),
-            (&[30003, 30001, 30002], PortMerge::Contiguous, &["30001-30003"]),
+            (
+                &[30003, 30001, 30002],
+                PortMerge::Contiguous,
+                &["30001-30003"],
+            ),
             (&[30001, 30002], PortMerge::None, &["30001", "30002"]),
             (&[65534, 65535], PortMerge::Contiguous, &["65534-65535"]),
             (&[], PortMerge::Contiguous, &[]),
         ];
         for (ports, policy, want) in cases {
             let entries: Vec<PortGrant> = ports.iter().map(|p| pg(*p, "a")).collect();
-            let got: Vec<String> =
-                merge_ports(&entries, *policy).iter().map(|(r, _)| r.to_string()).collect();
+            let got: Vec<String> = merge_ports(&entries, *policy)
+                .iter()
+                .map(|(r, _)| r.to_string())
+                .collect();
             assert_eq!(&got, want, "{ports:?} {policy:?}");
         }
     }

@@ -20,7 +20,10 @@ pub struct ServiceRef {
 
 impl ServiceRef {
     pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
-        ServiceRef { namespace: Arc::from(namespace.as_ref()), name: Arc::from(name.as_ref()) }
+        ServiceRef {
+            namespace: Arc::from(namespace.as_ref()),
+            name: Arc::from(name.as_ref()),
+        }
     }
 }
 
@@ -121,7 +124,11 @@ impl ServiceSpec {
     }
 
     pub fn with_annotation(mut self, key: &str, value: &str) -> Self {
-        let key = if key.contains('/') { key.to_string() } else { format!("{ANNOTATION_PREFIX}{key}") };
+        let key = if key.contains('/') {
+            key.to_string()
+        } else {
+            format!("{ANNOTATION_PREFIX}{key}")
+        };
         self.annotations.insert(key, value.to_string());
         self
     }
@@ -142,7 +149,11 @@ impl ServiceSpec {
             .name
             .clone()
             .ok_or_else(|| Error::Object("Service without metadata.name".to_string()))?;
-        let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".to_string());
+        let namespace = svc
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string());
         let spec = svc.spec.as_ref();
         let service_type = match spec.and_then(|s| s.type_.as_deref()).unwrap_or("ClusterIP") {
             "NodePort" => ServiceType::NodePort,
@@ -174,6 +185,11 @@ impl ServiceSpec {
                     .collect()
             })
             .unwrap_or_default();
-        Ok(ServiceSpec { service: ServiceRef::new(namespace, name), service_type, ports, annotations })
+        Ok(ServiceSpec {
+            service: ServiceRef::new(namespace, name),
+            service_type,
+            ports,
+            annotations,
+        })
     }
 }

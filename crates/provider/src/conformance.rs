@@ -1,0 +1,387 @@
+//! The conformance suite: one set of properties that every provider's tests run against a
+//! real (or faithfully emulated) backend. A provider that passes it can be trusted by the
+//! planner: what it applies is what it observes next, it never touches others' rules, and
+//! limits are caught before any write.
+//!
+//! The suite is test support: a broken property fails the calling test with a message, so
+//! it asserts and panics by design.
+#![allow(clippy::panic)]
+
+use std::collections::BTreeSet;
+
+use async_trait::async_trait;
+use ipnet::IpNet;
+use nodeport_firewall_model::{
+    Action, Config, NodeSpec, Plan, PlanError, PoolName, Rule, RuleContent, ServiceRef,
+    ServiceSpec, Target, desired,
+};
+
+use crate::engine::{self, ApplyOutcome};
+use crate::{Provider, Result};
+
+/// A fresh pool, with its own fresh target, for one scenario.
+#[derive(Debug, Clone)]
+pub struct PoolFixture {
+    pub pool: PoolName,
+    pub nodes: Vec<NodeSpec>,
+    /// The operator config to plan with; it names the pool and any provider overrides.
+    pub config: Config,
+}
+
+/// What a provider's test gives the suite.
+#[async_trait]
+pub trait Harness: Send + Sync {
+    fn provider(&self) -> &dyn Provider;
+    /// Creates a pool whose target holds no rules yet. `tag` is unique per call.
+    async fn fresh_pool(&self, tag: &str) -> PoolFixture;
+    /// Writes a rule directly on the target, as another tool would: with no ownership
+    /// marker (`owner: None`) or with another cluster's marker.
+    async fn seed_foreign(&self, target: &Target, owner: Option<&str>, rule: &Rule) -> Result<()>;
+}
+
+/// Runs every scenario.
+pub async fn run_all(h: &dyn Harness) {
+    apply_then_observe_equals_desired(h).await;
+    foreign_rules_are_untouched(h).await;
+    removing_a_service_removes_exactly_its_rules(h).await;
+    exceeded_limit_is_a_plan_error_before_any_write(h).await;
+}
+
+fn services() -> Vec<ServiceSpec> {
+    vec![
+        ServiceSpec::nodeport("conformance", "web")
+            .with_port("http", "TCP", 80, 30100)
+            .with_port("https", "TCP", 443, 30101)
+            .enabled()
+            .with_ranges("10.0.0.0/8, 2001:db8::/32"),
+        ServiceSpec::nodeport("conformance", "dns")
+            .with_port("dns", "UDP", 53, 30200)
+            .enabled()
+            .with_ranges("192.0.2.0/24"),
+        ServiceSpec::nodeport("conformance", "api")
+            .with_port("api", "TCP", 8080, 30300)
+            .enabled()
+            .with_ranges("10.0.0.0/8"),
+    ]
+}
+
+async fn plan_for(h: &dyn Harness, f: &PoolFixture, services: &[ServiceSpec]) -> Plan {
+    let d = desired(&f.config, services, &f.nodes);
+    engine::plan(h.provider(), &f.config, &d).await
+}
+
+fn target_of(plan: &Plan, f: &PoolFixture) -> Target {
+    let pool = plan
+        .pools
+        .iter()
+        .find(|p| p.name == f.pool)
+        .unwrap_or_else(|| panic!("pool {} not in plan", f.pool));
+    if let Some(e) = &pool.error {
+        panic!("pool {} did not resolve: {e}", f.pool);
+    }
+    match pool.targets.as_slice() {
+        [one] => one.target.clone(),
+        other => panic!("expected one target for pool {}, got {other:?}", f.pool),
+    }
+}
+
+async fn apply_ok(h: &dyn Harness, plan: &Plan) {
+    for (target, outcome) in engine::apply(h.provider(), plan).await {
+        match outcome {
+            ApplyOutcome::Applied { .. } | ApplyOutcome::NoChanges => {}
+            other => panic!("apply on {target} failed: {other:?}"),
+        }
+    }
+}
+
+fn assert_no_writes(plan: &Plan, when: &str) {
+    for t in &plan.targets {
+        assert!(
+            t.error.is_none(),
+            "{when}: plan error on {}: {:?}",
+            t.target,
+            t.error
+        );
+        let writes: Vec<_> = t.changes.iter().filter(|c| c.action.is_write()).collect();
+        assert!(
+            writes.is_empty(),
+            "{when}: expected an empty plan on {}, got {writes:#?}",
+            t.target
+        );
+    }
+}
+
+async fn observed(h: &dyn Harness, target: &Target) -> (Vec<Rule>, Vec<(Option<String>, Rule)>) {
+    let obs = match h.provider().observe(target).await {
+        Ok(o) => o,
+        Err(e) => panic!("observe {target}: {e}"),
+    };
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for r in obs.rules {
+        if r.owned {
+            ours.push(r.rule)
+        } else {
+            theirs.push((r.id, r.rule))
+        }
+    }
+    ours.sort();
+    theirs.sort_by(|a, b| a.1.cmp(&b.1));
+    (ours, theirs)
+}
+
+fn contents(rules: &[Rule]) -> BTreeSet<RuleContent> {
+    rules.iter().map(|r| r.content.clone()).collect()
+}
+
+fn wanted(plan: &Plan, target: &Target) -> Vec<Rule> {
+    let mut rules: Vec<Rule> = plan
+        .targets
+        .iter()
+        .filter(|t| &t.target == target)
+        .flat_map(|t| t.changes.iter())
+        .filter(|c| matches!(c.action, Action::Add | Action::Update | Action::Unchanged))
+        .map(|c| c.rule.clone())
+        .collect();
+    rules.sort();
+    rules
+}
+
+/// Apply the desired state, then observe: the target holds exactly the desired rules,
+/// with their Services recorded; a second plan is empty.
+pub async fn apply_then_observe_equals_desired(h: &dyn Harness) {
+    let f = h.fresh_pool("converge").await;
+    let svcs = services();
+    let first = plan_for(h, &f, &svcs).await;
+    let target = target_of(&first, &f);
+    assert!(
+        first.summary.add > 0,
+        "the first plan adds rules: {first:#?}"
+    );
+    assert_eq!(first.summary.remove, 0);
+    let want = wanted(&first, &target);
+    apply_ok(h, &first).await;
+
+    let (ours, _) = observed(h, &target).await;
+    assert_eq!(
+        contents(&ours),
+        contents(&want),
+        "observed rules differ from the applied plan"
+    );
+    let observed_services: BTreeSet<&ServiceRef> =
+        ours.iter().flat_map(|r| r.services.iter()).collect();
+    let wanted_services: BTreeSet<&ServiceRef> =
+        want.iter().flat_map(|r| r.services.iter()).collect();
+    assert_eq!(
+        observed_services, wanted_services,
+        "ownership marker lost the Services served"
+    );
+    assert!(
+        ours.iter()
+            .any(|r| r.content.family == nodeport_firewall_model::IpFamily::V6),
+        "IPv6 rule missing: {ours:#?}"
+    );
+
+    let second = plan_for(h, &f, &svcs).await;
+    assert_no_writes(&second, "second plan");
+    assert_eq!(second.summary.unchanged, want.len());
+}
+
+/// Rules without our marker, or with another cluster's, are never changed or removed, even
+/// when identical to a rule we want; the plan says they already allow it.
+pub async fn foreign_rules_are_untouched(h: &dyn Harness) {
+    let f = h.fresh_pool("foreign").await;
+    let svcs = services();
+    let probe = plan_for(h, &f, &svcs).await;
+    let target = target_of(&probe, &f);
+    let want = wanted(&probe, &target);
+    let Some(twin) = want
+        .iter()
+        .find(|r| r.content.protocol == nodeport_firewall_model::Protocol::Udp)
+        .cloned()
+    else {
+        panic!("no UDP rule in {want:#?}")
+    };
+    let other_cluster = Rule {
+        name: None,
+        content: RuleContent {
+            ports: vec![nodeport_firewall_model::PortRange::single(31999)],
+            ..twin.content.clone()
+        },
+        services: BTreeSet::new(),
+        pools: BTreeSet::new(),
+    };
+    let unrelated = Rule {
+        name: None,
+        content: RuleContent {
+            scope: twin.content.scope.clone(),
+            family: nodeport_firewall_model::IpFamily::V4,
+            protocol: nodeport_firewall_model::Protocol::Tcp,
+            ports: vec![nodeport_firewall_model::PortRange { from: 22, to: 22 }],
+            sources: vec![ip("198.51.100.0/24")],
+        },
+        services: BTreeSet::new(),
+        pools: BTreeSet::new(),
+    };
+    let untagged_twin = Rule {
+        name: None,
+        services: BTreeSet::new(),
+        pools: BTreeSet::new(),
+        ..twin.clone()
+    };
+    for (owner, rule) in [
+        (None, &untagged_twin),
+        (Some("another-cluster"), &other_cluster),
+        (None, &unrelated),
+    ] {
+        if let Err(e) = h.seed_foreign(&target, owner, rule).await {
+            panic!("seeding a foreign rule: {e}");
+        }
+    }
+    let (_, before) = observed(h, &target).await;
+    assert_eq!(
+        before.len(),
+        3,
+        "seeded foreign rules are observed as not ours: {before:#?}"
+    );
+
+    let plan = plan_for(h, &f, &svcs).await;
+    let tp = plan
+        .targets
+        .iter()
+        .find(|t| t.target == target)
+        .unwrap_or_else(|| panic!("target missing"));
+    assert!(tp.error.is_none(), "{:?}", tp.error);
+    let foreign_ids: BTreeSet<&str> = before.iter().filter_map(|(id, _)| id.as_deref()).collect();
+    for c in &tp.changes {
+        if matches!(c.action, Action::Remove | Action::Update) {
+            assert!(
+                !c.id.as_deref().is_some_and(|id| foreign_ids.contains(id)),
+                "plan touches a foreign rule: {c:#?}"
+            );
+        }
+    }
+    assert_eq!(
+        tp.count(Action::SatisfiedByForeign),
+        1,
+        "the identical untagged rule satisfies ours: {:#?}",
+        tp.changes
+    );
+    assert!(
+        !tp.of(Action::Add).any(|c| c.rule.content == twin.content),
+        "a rule identical to a foreign one is not duplicated"
+    );
+    apply_ok(h, &plan).await;
+    assert_eq!(
+        observed(h, &target).await.1,
+        before,
+        "foreign rules changed by apply"
+    );
+
+    // Removing every Service removes our rules and only ours.
+    let cleanup = plan_for(h, &f, &[]).await;
+    apply_ok(h, &cleanup).await;
+    let (ours, theirs) = observed(h, &target).await;
+    assert!(ours.is_empty(), "our rules remain: {ours:#?}");
+    assert_eq!(theirs, before, "foreign rules changed by cleanup");
+    assert_no_writes(&plan_for(h, &f, &[]).await, "plan after cleanup");
+}
+
+/// Removing one Service removes exactly the rules that served only it; the others keep
+/// their identity.
+pub async fn removing_a_service_removes_exactly_its_rules(h: &dyn Harness) {
+    let f = h.fresh_pool("remove").await;
+    let svcs = services();
+    let first = plan_for(h, &f, &svcs).await;
+    let target = target_of(&first, &f);
+    apply_ok(h, &first).await;
+    let (before, _) = observed(h, &target).await;
+
+    let dns = ServiceRef::new("conformance", "dns");
+    let remaining: Vec<ServiceSpec> = svcs.into_iter().filter(|s| s.service != dns).collect();
+    let plan = plan_for(h, &f, &remaining).await;
+    let tp = plan
+        .targets
+        .iter()
+        .find(|t| t.target == target)
+        .unwrap_or_else(|| panic!("target missing"));
+    let removed: BTreeSet<RuleContent> = tp
+        .of(Action::Remove)
+        .map(|c| c.rule.content.clone())
+        .collect();
+    let only_dns: BTreeSet<RuleContent> = before
+        .iter()
+        .filter(|r| r.services.iter().all(|s| *s == dns))
+        .map(|r| r.content.clone())
+        .collect();
+    assert!(!only_dns.is_empty());
+    assert_eq!(
+        removed, only_dns,
+        "exactly the rules of the removed Service are removed"
+    );
+    assert_eq!(
+        tp.count(Action::Add),
+        0,
+        "nothing is added when a Service goes: {:#?}",
+        tp.changes
+    );
+    apply_ok(h, &plan).await;
+    let (after, _) = observed(h, &target).await;
+    let expected: BTreeSet<RuleContent> =
+        contents(&before).difference(&only_dns).cloned().collect();
+    assert_eq!(contents(&after), expected);
+    assert_no_writes(&plan_for(h, &f, &remaining).await, "plan after removal");
+}
+
+/// A plan that would pass the target's rule quota is an error before any write, and apply
+/// refuses it.
+pub async fn exceeded_limit_is_a_plan_error_before_any_write(h: &dyn Harness) {
+    let f = h.fresh_pool("quota").await;
+    let probe = plan_for(h, &f, &[]).await;
+    let target = target_of(&probe, &f);
+    let limits = match h.provider().observe(&target).await {
+        Ok(o) => o.limits,
+        Err(e) => panic!("observe: {e}"),
+    };
+    let Some(max) = limits.max_rules else {
+        return; // no rule quota on this provider's targets
+    };
+    // One rule each: distinct sources never share a rule.
+    let svcs: Vec<ServiceSpec> = (0..=max)
+        .map(|i| {
+            let port = 30000 + 2 * i as i32;
+            ServiceSpec::nodeport("quota", &format!("s{i}"))
+                .with_port("", "TCP", 80, port)
+                .enabled()
+                .with_ranges(&format!("10.{}.{}.0/24", i / 256, i % 256))
+        })
+        .collect();
+    let plan = plan_for(h, &f, &svcs).await;
+    let tp = plan
+        .targets
+        .iter()
+        .find(|t| t.target == target)
+        .unwrap_or_else(|| panic!("target missing"));
+    match &tp.error {
+        Some(PlanError::RuleQuota { ours, limit, .. }) => {
+            assert_eq!(*limit, max);
+            assert!(*ours > max);
+        }
+        other => panic!("expected a rule quota error, got {other:?}"),
+    }
+    for (_, outcome) in engine::apply(h.provider(), &plan).await {
+        assert!(
+            matches!(outcome, ApplyOutcome::Refused { .. }),
+            "apply must refuse: {outcome:?}"
+        );
+    }
+    let (ours, _) = observed(h, &target).await;
+    assert!(ours.is_empty(), "nothing may be written: {ours:#?}");
+}
+
+fn ip(s: &str) -> IpNet {
+    match s.parse() {
+        Ok(n) => n,
+        Err(e) => panic!("{s}: {e}"),
+    }
+}

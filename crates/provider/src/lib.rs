@@ -1,0 +1,69 @@
+//! The provider trait of nodeport-firewall, the engine that drives a provider through
+//! plan and apply, the in-memory provider, and the conformance suite every provider runs.
+//!
+//! The provider-neutral target, rule and plan types live in `nodeport-firewall-model`, so
+//! that the planner stays pure; they are re-exported here.
+
+pub mod conformance;
+pub mod engine;
+pub mod error;
+pub mod memory;
+pub mod retry;
+
+use async_trait::async_trait;
+pub use nodeport_firewall_model as model;
+pub use nodeport_firewall_model::{
+    Action, Change, Limits, Observation, ObservedRule, Plan, PlanError, PoolTarget, Render, Rule,
+    RuleContent, Target, TargetPlan,
+};
+use nodeport_firewall_model::{NodeSpec, PoolName};
+use serde::Serialize;
+
+pub use engine::{ApplyOutcome, apply, plan};
+pub use error::{Error, ErrorKind, Result};
+pub use memory::MemoryProvider;
+pub use retry::RetryPolicy;
+
+/// A pool as a provider sees it when resolving targets.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolView<'a> {
+    pub name: &'a PoolName,
+    pub nodes: &'a [NodeSpec],
+    /// This provider's section of the pool's config override, if any.
+    pub config: Option<&'a serde_json::Value>,
+}
+
+/// What an apply did on one target.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyReport {
+    pub added: usize,
+    pub removed: usize,
+    pub updated: usize,
+    /// Remarks, e.g. a rule that already existed and was adopted as converged.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// A cloud firewall backend. Providers read and write; only the planner decides.
+///
+/// Every implementation must pass [`conformance::run_all`].
+#[async_trait]
+pub trait Provider: Send + Sync {
+    /// `memory`, `aws`, `gcp` or `azure`.
+    fn name(&self) -> &'static str;
+
+    /// Turns grants into this provider's rules under its limits. Pure.
+    fn renderer(&self) -> &dyn Render;
+
+    /// The target(s) of a pool: from config, else discovered from the pool's nodes.
+    async fn resolve(&self, pool: PoolView<'_>) -> Result<Vec<PoolTarget>>;
+
+    /// The rules on a target, ours and others', with the target's limits. One read per
+    /// target per reconcile.
+    async fn observe(&self, target: &Target) -> Result<Observation>;
+
+    /// Carries out a target's plan: adds before removes unless the plan says otherwise,
+    /// writes batched per target. Must never remove or change a rule it does not own.
+    async fn apply(&self, plan: &TargetPlan) -> Result<ApplyReport>;
+}

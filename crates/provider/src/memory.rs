@@ -1,0 +1,391 @@
+//! The in-memory provider: a faithful, configurable stand-in for a cloud firewall. The
+//! offline `plan` and the tests use it. Its state can be saved to and loaded from JSON.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use nodeport_firewall_model::rule::NameParts;
+use nodeport_firewall_model::{
+    Action, Limits, Observation, ObservedRule, PoolTarget, Render, Rule, ShapeRenderer, Target,
+    TargetPlan,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{ApplyReport, Error, ErrorKind, PoolView, Provider, Result};
+
+pub const NAME: &str = "memory";
+
+/// The `memory:` section of the operator config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    pub limits: Limits,
+    /// Whether rules get names (GCP/Azure style) or are known by content (EC2 style).
+    pub named_rules: bool,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            limits: Limits {
+                max_rules: Some(100),
+                rules_counted_per_family: false,
+                max_ports_per_rule: 50,
+                max_sources_per_rule: 64,
+                max_total_sources: None,
+                updates_in_place: true,
+            },
+            named_rules: true,
+        }
+    }
+}
+
+/// The `memory:` section of a pool override.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct MemoryPoolConfig {
+    /// The target the pool's rules go to. Default: a target named after the pool.
+    target: Option<String>,
+    /// Where inside the target the pool's rules apply.
+    scope: Option<String>,
+}
+
+/// A rule stored in memory, with its owner's cluster name (`None`: no marker at all).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRule {
+    pub id: String,
+    pub owner: Option<String>,
+    #[serde(flatten)]
+    pub rule: Rule,
+}
+
+/// Everything the in-memory provider holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryState {
+    pub targets: BTreeMap<String, Vec<StoredRule>>,
+    pub next_id: u64,
+}
+
+/// Counts of calls, to show the provider is called as little as the design says.
+#[derive(Debug, Default)]
+pub struct CallCounts {
+    pub resolves: AtomicUsize,
+    pub observes: AtomicUsize,
+    pub applies: AtomicUsize,
+}
+
+/// An in-memory firewall that behaves like a cloud: quotas, duplicate detection, ownership.
+pub struct MemoryProvider {
+    cluster: String,
+    config: MemoryConfig,
+    renderer: ShapeRenderer,
+    state: Mutex<MemoryState>,
+    pub calls: CallCounts,
+}
+
+impl std::fmt::Debug for MemoryProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryProvider")
+            .field("cluster", &self.cluster)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl MemoryProvider {
+    pub fn new(cluster: &str, config: MemoryConfig) -> Self {
+        let renderer = if config.named_rules {
+            let prefix = format!("npf-{}", sanitize(cluster));
+            ShapeRenderer::named(move |parts: &NameParts<'_>| {
+                format!("{prefix}-{}", parts.short_hash())
+            })
+        } else {
+            ShapeRenderer::unnamed()
+        };
+        MemoryProvider {
+            cluster: cluster.to_string(),
+            config,
+            renderer,
+            state: Mutex::new(MemoryState::default()),
+            calls: CallCounts::default(),
+        }
+    }
+
+    /// Reads the `memory:` section of the operator config.
+    pub fn from_config(cluster: &str, section: Option<&serde_json::Value>) -> Result<Self> {
+        let config = match section {
+            None => MemoryConfig::default(),
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|e| Error::new(ErrorKind::Config, format!("memory: {e}")))?,
+        };
+        Ok(Self::new(cluster, config))
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, MemoryState>> {
+        self.state
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Other, "memory provider state poisoned"))
+    }
+
+    /// Replaces the whole state, e.g. from a saved file.
+    pub fn load(&self, state: MemoryState) -> Result<()> {
+        *self.lock()? = state;
+        Ok(())
+    }
+
+    /// A copy of the whole state.
+    pub fn snapshot(&self) -> Result<MemoryState> {
+        Ok(self.lock()?.clone())
+    }
+
+    /// Writes a rule owned by `owner` (`None`: no marker) directly, as another tool would.
+    pub fn seed(&self, target: &str, owner: Option<&str>, rule: Rule) -> Result<String> {
+        let mut state = self.lock()?;
+        state.next_id += 1;
+        let id = format!("r-{}", state.next_id);
+        state
+            .targets
+            .entry(target.to_string())
+            .or_default()
+            .push(StoredRule {
+                id: id.clone(),
+                owner: owner.map(str::to_string),
+                rule,
+            });
+        Ok(id)
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Provider for MemoryProvider {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn renderer(&self) -> &dyn Render {
+        &self.renderer
+    }
+
+    async fn resolve(&self, pool: PoolView<'_>) -> Result<Vec<PoolTarget>> {
+        self.calls.resolves.fetch_add(1, Ordering::Relaxed);
+        let over: MemoryPoolConfig = match pool.config {
+            None => MemoryPoolConfig::default(),
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("pools.{}.memory: {e}", pool.name),
+                )
+            })?,
+        };
+        let id = over.target.unwrap_or_else(|| pool.name.to_string());
+        Ok(vec![PoolTarget {
+            target: Target::new(NAME, &id),
+            scope: over.scope,
+        }])
+    }
+
+    async fn observe(&self, target: &Target) -> Result<Observation> {
+        self.calls.observes.fetch_add(1, Ordering::Relaxed);
+        let state = self.lock()?;
+        let rules = state
+            .targets
+            .get(&target.id)
+            .map(|rules| {
+                rules
+                    .iter()
+                    .map(|r| ObservedRule {
+                        id: Some(r.id.clone()),
+                        rule: r.rule.clone(),
+                        owned: r.owner.as_deref() == Some(self.cluster.as_str()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Observation {
+            rules,
+            limits: self.config.limits.clone(),
+        })
+    }
+
+    async fn apply(&self, plan: &TargetPlan) -> Result<ApplyReport> {
+        self.calls.applies.fetch_add(1, Ordering::Relaxed);
+        if let Some(e) = &plan.error {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("refusing a plan with an error: {e}"),
+            ));
+        }
+        let mut state = self.lock()?;
+        let cluster = self.cluster.clone();
+        let limits = self.config.limits.clone();
+        // Work on a copy and commit at the end: a failed request changes nothing, like one
+        // cloud API call that is refused as a whole.
+        let mut next_id = state.next_id;
+        let mut rules = state
+            .targets
+            .get(&plan.target.id)
+            .cloned()
+            .unwrap_or_default();
+        let mut report = ApplyReport::default();
+
+        let own = |rules: &[StoredRule], id: &Option<String>| -> Result<usize> {
+            let id = id
+                .as_deref()
+                .ok_or_else(|| Error::new(ErrorKind::Invalid, "change without rule id"))?;
+            let idx = rules.iter().position(|r| r.id == id).ok_or_else(|| {
+                Error::new(ErrorKind::NotFound, format!("rule {id} not found"))
+                    .with_code("NotFound")
+            })?;
+            if rules[idx].owner.as_deref() != Some(cluster.as_str()) {
+                return Err(Error::new(
+                    ErrorKind::Invalid,
+                    format!("rule {id} is not owned by cluster {cluster}"),
+                ));
+            }
+            Ok(idx)
+        };
+        let removes = |rules: &mut Vec<StoredRule>, report: &mut ApplyReport| -> Result<()> {
+            for c in plan.of(Action::Remove) {
+                let idx = own(rules, &c.id)?;
+                rules.remove(idx);
+                report.removed += 1;
+            }
+            Ok(())
+        };
+        if plan.remove_first {
+            removes(&mut rules, &mut report)?;
+        }
+        for c in plan.of(Action::Update) {
+            let idx = own(&rules, &c.id)?;
+            rules[idx].rule = c.rule.clone();
+            report.updated += 1;
+        }
+        for c in plan.of(Action::Add) {
+            if let Some(problem) = limits.check_rule(&c.rule) {
+                return Err(Error::new(ErrorKind::Invalid, problem));
+            }
+            if rules.iter().any(|r| r.rule.content == c.rule.content) {
+                return Err(
+                    Error::new(ErrorKind::Conflict, "rule already exists").with_code("Duplicate")
+                );
+            }
+            if let Some(max) = limits.max_rules {
+                let fam = c.rule.content.family;
+                let used = rules
+                    .iter()
+                    .filter(|r| !limits.rules_counted_per_family || r.rule.content.family == fam)
+                    .count();
+                if used >= max {
+                    return Err(Error::new(
+                        ErrorKind::QuotaExceeded,
+                        format!("target holds {used} rules, limit {max}"),
+                    )
+                    .with_code("RulesLimitExceeded"));
+                }
+            }
+            next_id += 1;
+            rules.push(StoredRule {
+                id: format!("r-{next_id}"),
+                owner: Some(cluster.clone()),
+                rule: c.rule.clone(),
+            });
+            report.added += 1;
+        }
+        if !plan.remove_first {
+            removes(&mut rules, &mut report)?;
+        }
+        state.next_id = next_id;
+        state.targets.insert(plan.target.id.clone(), rules);
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::{self, Harness};
+    use nodeport_firewall_model::{Config, NodeSpec, PoolName};
+
+    struct MemoryHarness {
+        provider: MemoryProvider,
+        cluster: String,
+    }
+
+    #[async_trait]
+    impl Harness for MemoryHarness {
+        fn provider(&self) -> &dyn Provider {
+            &self.provider
+        }
+        async fn fresh_pool(&self, tag: &str) -> conformance::PoolFixture {
+            let pool = PoolName::new(format!("pool-{tag}"));
+            let mut config = Config::new(&self.cluster);
+            config.pools.insert(pool.clone(), Default::default());
+            conformance::PoolFixture {
+                nodes: vec![
+                    NodeSpec::new(&format!("node-{tag}"))
+                        .with_label("nodeport-firewall.io/pool", pool.as_str()),
+                ],
+                pool,
+                config,
+            }
+        }
+        async fn seed_foreign(
+            &self,
+            target: &Target,
+            owner: Option<&str>,
+            rule: &Rule,
+        ) -> Result<()> {
+            self.provider
+                .seed(&target.id, owner, rule.clone())
+                .map(|_| ())
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_provider_passes_conformance_named() {
+        let h = MemoryHarness {
+            provider: MemoryProvider::new("conf", MemoryConfig::default()),
+            cluster: "conf".into(),
+        };
+        conformance::run_all(&h).await;
+    }
+
+    #[tokio::test]
+    async fn memory_provider_passes_conformance_ec2_shaped() {
+        let config = MemoryConfig {
+            limits: Limits {
+                max_rules: Some(60),
+                rules_counted_per_family: true,
+                max_ports_per_rule: 1,
+                max_sources_per_rule: 1,
+                max_total_sources: None,
+                updates_in_place: false,
+            },
+            named_rules: false,
+        };
+        let h = MemoryHarness {
+            provider: MemoryProvider::new("conf", config),
+            cluster: "conf".into(),
+        };
+        conformance::run_all(&h).await;
+    }
+}

@@ -1,0 +1,155 @@
+//! Retries with bounded exponential backoff and full jitter, honouring Retry-After. Shared by
+//! every provider so that they all back off the same way (design principle 6).
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// How a provider retries one call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 6,
+            base_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(20),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// No waiting, for tests against local servers.
+    pub fn fast() -> Self {
+        RetryPolicy {
+            max_attempts: 6,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(20),
+        }
+    }
+
+    /// The wait before attempt `attempt + 1`, given the error of attempt `attempt` (0-based).
+    /// Full jitter keeps replicas and targets from retrying in lockstep; Retry-After, when
+    /// the cloud sends it, is a floor, capped at `max_delay`.
+    pub fn delay(&self, attempt: u32, error: &Error) -> Duration {
+        let exp = self
+            .base_delay
+            .saturating_mul(2u32.saturating_pow(attempt.min(16)));
+        let cap = exp.min(self.max_delay);
+        let jittered = cap.mul_f64(fastrand::f64());
+        match error.retry_after {
+            Some(after) => after.min(self.max_delay).max(jittered),
+            None => jittered,
+        }
+    }
+
+    /// Runs `call` until it succeeds, fails with an error that is not retryable, or runs out
+    /// of attempts. `on_retry` sees each retried error (for metrics and logs).
+    pub async fn run<T, F, Fut>(
+        &self,
+        mut call: F,
+        mut on_retry: impl FnMut(&Error, Duration),
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match call().await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_retryable() && attempt + 1 < self.max_attempts.max(1) => {
+                    let wait = self.delay(attempt, &e);
+                    on_retry(&e, wait);
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_retryable_errors_then_succeeds() {
+        let calls = AtomicU32::new(0);
+        let mut retried = Vec::new();
+        let out = RetryPolicy::default()
+            .run(
+                || async {
+                    let n = calls.fetch_add(1, Ordering::SeqCst);
+                    if n < 2 {
+                        Err(Error::new(ErrorKind::Throttled, "slow down"))
+                    } else {
+                        Ok(n)
+                    }
+                },
+                |e, _| retried.push(e.kind),
+            )
+            .await;
+        assert_eq!(out, Ok(2));
+        assert_eq!(retried, vec![ErrorKind::Throttled, ErrorKind::Throttled]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn does_not_retry_permanent_errors() {
+        let calls = AtomicU32::new(0);
+        let out: Result<()> = RetryPolicy::default()
+            .run(
+                || async {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Err(Error::new(ErrorKind::PermissionDenied, "no"))
+                },
+                |_, _| {},
+            )
+            .await;
+        assert_eq!(out.unwrap_err().kind, ErrorKind::PermissionDenied);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_after_max_attempts() {
+        let calls = AtomicU32::new(0);
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            ..RetryPolicy::default()
+        };
+        let out: Result<()> = policy
+            .run(
+                || async {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Err(Error::new(ErrorKind::Transient, "503"))
+                },
+                |_, _| {},
+            )
+            .await;
+        assert!(out.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn delay_is_bounded_and_honours_retry_after() {
+        let p = RetryPolicy::default();
+        let plain = Error::new(ErrorKind::Throttled, "x");
+        for attempt in 0..40 {
+            assert!(p.delay(attempt, &plain) <= p.max_delay);
+        }
+        let after = plain.clone().with_retry_after(Duration::from_secs(3));
+        assert!(p.delay(0, &after) >= Duration::from_secs(3));
+        let long = plain.with_retry_after(Duration::from_secs(3600));
+        assert_eq!(p.delay(0, &long), p.max_delay);
+    }
+}
