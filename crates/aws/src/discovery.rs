@@ -1,0 +1,241 @@
+//! Choosing a pool's security groups from what EC2 says about its nodes. Pure.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use nodeport_firewall_model::{NodeSpec, PoolName};
+use nodeport_firewall_provider::{Error, ErrorKind};
+
+/// The instance id in a Node's `providerID`, `aws:///<zone>/<instance-id>`.
+pub fn instance_id(provider_id: &str) -> Option<&str> {
+    let rest = provider_id.strip_prefix("aws://")?;
+    let id = rest.rsplit('/').next()?;
+    (id.starts_with("i-") && id.len() > 2 && id[2..].chars().all(|c| c.is_ascii_hexdigit()))
+        .then_some(id)
+}
+
+/// What EC2 says about one node's instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeGroups {
+    pub node: String,
+    pub instance: String,
+    /// Security groups of the primary network interface (device index 0).
+    pub groups: Vec<String>,
+}
+
+/// What EC2 says about one security group.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GroupInfo {
+    pub name: String,
+    pub tagged: bool,
+}
+
+fn discovery(message: String) -> Error {
+    Error::new(ErrorKind::Discovery, message)
+}
+
+/// The config lines that pin a pool to `groups`.
+pub fn config_lines(pool: &PoolName, groups: &[&str]) -> String {
+    format!(
+        "pools:\n  {pool}:\n    aws:\n      securityGroupIds: [{}]",
+        groups.join(", ")
+    )
+}
+
+fn describe(id: &str, info: &BTreeMap<String, GroupInfo>) -> String {
+    match info.get(id) {
+        Some(g) if !g.name.is_empty() => format!("{id} ({})", g.name),
+        _ => id.to_string(),
+    }
+}
+
+/// Chooses the pool's security group: per node, the one tagged `tag_key` or the only one;
+/// then every node must agree.
+pub fn choose(
+    pool: &PoolName,
+    tag_key: &str,
+    nodes: &[NodeGroups],
+    info: &BTreeMap<String, GroupInfo>,
+) -> Result<Vec<String>, Error> {
+    if nodes.is_empty() {
+        return Err(discovery(format!(
+            "pool {pool}: no nodes to discover a security group from"
+        )));
+    }
+    let mut choices: BTreeMap<Vec<String>, Vec<&NodeGroups>> = BTreeMap::new();
+    let mut ambiguous: Vec<(&NodeGroups, Vec<&String>)> = Vec::new();
+    for n in nodes {
+        let tagged: Vec<&String> = n
+            .groups
+            .iter()
+            .filter(|g| info.get(*g).is_some_and(|i| i.tagged))
+            .collect();
+        let choice = match (tagged.as_slice(), n.groups.as_slice()) {
+            ([one], _) => (*one).clone(),
+            ([], [only]) => only.clone(),
+            ([], []) => {
+                return Err(discovery(format!(
+                    "pool {pool}: node {} (instance {}) has no security group on its primary network interface",
+                    n.node, n.instance
+                )));
+            }
+            ([], all) => {
+                ambiguous.push((n, all.iter().collect()));
+                continue;
+            }
+            (several, _) => {
+                ambiguous.push((n, several.to_vec()));
+                continue;
+            }
+        };
+        choices.entry(vec![choice]).or_default().push(n);
+    }
+    if let Some((first, _)) = ambiguous.first() {
+        let candidates: BTreeSet<&String> = ambiguous.iter().flat_map(|(_, c)| c.clone()).collect();
+        // Suggest a group every ambiguous node has, if there is one.
+        let common = candidates
+            .iter()
+            .find(|c| ambiguous.iter().all(|(_, cs)| cs.contains(c)))
+            .or(candidates.iter().next())
+            .map(|s| s.as_str())
+            .unwrap_or("sg-...");
+        let listed: Vec<String> = candidates.iter().map(|c| describe(c, info)).collect();
+        let nodes: Vec<String> = ambiguous
+            .iter()
+            .map(|(n, _)| format!("{} ({})", n.node, n.instance))
+            .collect();
+        let tagged_many = ambiguous
+            .iter()
+            .any(|(n, c)| c.len() < n.groups.len() || c.iter().all(|g| info.get(*g).is_some_and(|i| i.tagged)));
+        let why = if tagged_many {
+            format!("more than one of them is tagged {tag_key}")
+        } else {
+            format!("none of them is tagged {tag_key}")
+        };
+        let _ = first;
+        return Err(discovery(format!(
+            "pool {pool}: cannot choose a security group: the primary network interface of node(s) {} has several security groups and {why}. Candidates: {}. Tag exactly one of them with {tag_key}, or name the group(s) in the operator config (pick from the candidates):\n{}",
+            nodes.join(", "),
+            listed.join(", "),
+            config_lines(pool, &[common]),
+        )));
+    }
+    let mut by_size: Vec<(&Vec<String>, &Vec<&NodeGroups>)> = choices.iter().collect();
+    by_size.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(b.0)));
+    match by_size.as_slice() {
+        [(groups, _)] => Ok((*groups).clone()),
+        [(majority, _), rest @ ..] => {
+            let outliers: Vec<String> = rest
+                .iter()
+                .flat_map(|(g, ns)| {
+                    ns.iter().map(move |n| {
+                        format!(
+                            "{} ({}) -> {}",
+                            n.node,
+                            n.instance,
+                            g.iter().map(|x| describe(x, info)).collect::<Vec<_>>().join(",")
+                        )
+                    })
+                })
+                .collect();
+            let majority_text: Vec<String> = majority.iter().map(|x| describe(x, info)).collect();
+            Err(discovery(format!(
+                "pool {pool}: its nodes resolve to different security groups; most use {}, outliers: {}. Give the pool's nodes the same security group, split the pool, or name the groups in the operator config:\n{}",
+                majority_text.join(","),
+                outliers.join("; "),
+                config_lines(pool, &majority.iter().map(String::as_str).collect::<Vec<_>>()),
+            )))
+        }
+        [] => Err(discovery(format!("pool {pool}: no security group found"))),
+    }
+}
+
+/// The instance ids of a pool's nodes, sorted; or an error naming the nodes without one.
+pub fn instances(pool: &PoolName, nodes: &[NodeSpec]) -> Result<Vec<(String, String)>, Error> {
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for n in nodes {
+        match n.provider_id.as_deref().and_then(instance_id) {
+            Some(id) => out.push((n.name.clone(), id.to_string())),
+            None => bad.push(format!(
+                "{} (providerID {:?})",
+                n.name,
+                n.provider_id.as_deref().unwrap_or("")
+            )),
+        }
+    }
+    if !bad.is_empty() {
+        return Err(discovery(format!(
+            "pool {pool}: nodes without an EC2 providerID (aws:///<zone>/<instance-id>): {}. Name the pool's security groups in the operator config:\n{}",
+            bad.join(", "),
+            config_lines(pool, &["sg-..."]),
+        )));
+    }
+    if out.is_empty() {
+        return Err(discovery(format!(
+            "pool {pool}: no nodes to discover a security group from"
+        )));
+    }
+    out.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ng(node: &str, groups: &[&str]) -> NodeGroups {
+        NodeGroups {
+            node: node.into(),
+            instance: format!("i-{node}"),
+            groups: groups.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn info(tagged: &[&str], all: &[&str]) -> BTreeMap<String, GroupInfo> {
+        all.iter()
+            .map(|g| {
+                (
+                    g.to_string(),
+                    GroupInfo {
+                        name: format!("name-{g}"),
+                        tagged: tagged.contains(g),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn provider_ids() {
+        assert_eq!(instance_id("aws:///us-east-1a/i-0abc123"), Some("i-0abc123"));
+        assert_eq!(instance_id("aws:///i-0abc123"), Some("i-0abc123"));
+        assert_eq!(instance_id("gce://p/z/i-0abc"), None);
+        assert_eq!(instance_id("aws:///us-east-1a/fargate-ip-10"), None);
+    }
+
+    #[test]
+    fn single_tagged_ambiguous_and_outliers() {
+        let pool = PoolName::new("web");
+        let all = ["sg-1", "sg-2", "sg-3"];
+        assert_eq!(
+            choose(&pool, "k", &[ng("a", &["sg-1"])], &info(&[], &all)).unwrap(),
+            vec!["sg-1"]
+        );
+        assert_eq!(
+            choose(&pool, "k", &[ng("a", &["sg-1", "sg-2"])], &info(&["sg-2"], &all)).unwrap(),
+            vec!["sg-2"]
+        );
+        let e = choose(&pool, "k", &[ng("a", &["sg-1", "sg-2"])], &info(&[], &all)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Discovery);
+        assert!(e.message.contains("sg-1 (name-sg-1), sg-2 (name-sg-2)"), "{e}");
+        assert!(e.message.contains("pools:\n  web:\n    aws:\n      securityGroupIds: [sg-1]"), "{e}");
+        let e = choose(
+            &pool,
+            "k",
+            &[ng("a", &["sg-1"]), ng("b", &["sg-1"]), ng("c", &["sg-3"])],
+            &info(&[], &all),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("outliers: c (i-c) -> sg-3"), "{e}");
+    }
+}

@@ -1,0 +1,105 @@
+//! Maps EC2 SDK errors to the provider-neutral error. No SDK type leaves this crate.
+
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use nodeport_firewall_provider::{Error, ErrorKind};
+
+/// The neutral kind of an EC2 error code.
+pub fn kind_of_code(code: &str) -> ErrorKind {
+    match code {
+        "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "RequestThrottled"
+        | "SlowDown" => ErrorKind::Throttled,
+        "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable" => {
+            ErrorKind::Transient
+        }
+        "UnauthorizedOperation" | "AuthFailure" | "AccessDenied" | "Blocked"
+        | "OptInRequired" => ErrorKind::PermissionDenied,
+        "RulesPerSecurityGroupLimitExceeded" | "SecurityGroupLimitExceeded" => {
+            ErrorKind::QuotaExceeded
+        }
+        "InvalidPermission.Duplicate" => ErrorKind::Conflict,
+        "InvalidGroup.NotFound"
+        | "InvalidSecurityGroupRuleId.NotFound"
+        | "InvalidPermission.NotFound"
+        | "InvalidInstanceID.NotFound" => ErrorKind::NotFound,
+        c if c.starts_with("InvalidParameter")
+            || c.starts_with("MissingParameter")
+            || c.ends_with(".Malformed") =>
+        {
+            ErrorKind::Invalid
+        }
+        _ => ErrorKind::Other,
+    }
+}
+
+/// Maps one SDK error of operation `op`.
+pub fn map_sdk_error<E>(op: &str, err: SdkError<E>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    let code = err.code().map(str::to_string);
+    let message = err.message().map(str::to_string);
+    match &err {
+        SdkError::TimeoutError(_) => {
+            Error::new(ErrorKind::Transient, format!("EC2 {op}: timed out"))
+        }
+        SdkError::DispatchFailure(d) => Error::new(
+            ErrorKind::Transient,
+            format!("EC2 {op}: request not delivered: {:?}", d.as_connector_error()),
+        ),
+        SdkError::ConstructionFailure(_) => Error::new(
+            ErrorKind::Invalid,
+            format!("EC2 {op}: cannot build the request: {}", source_text(&err)),
+        ),
+        _ => {
+            let kind = match (&code, status) {
+                (Some(c), _) if kind_of_code(c) != ErrorKind::Other => kind_of_code(c),
+                (_, Some(s)) if s >= 500 => ErrorKind::Transient,
+                (_, Some(429)) => ErrorKind::Throttled,
+                (_, Some(401 | 403)) => ErrorKind::PermissionDenied,
+                _ => ErrorKind::Other,
+            };
+            let text = message.unwrap_or_else(|| source_text(&err));
+            let status = status.map(|s| format!(" (HTTP {s})")).unwrap_or_default();
+            let e = Error::new(kind, format!("EC2 {op}: {text}{status}"));
+            match code {
+                Some(c) => e.with_code(c),
+                None => e,
+            }
+        }
+    }
+}
+
+fn source_text(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_map_to_kinds() {
+        for (code, kind) in [
+            ("RequestLimitExceeded", ErrorKind::Throttled),
+            ("Throttling", ErrorKind::Throttled),
+            ("UnauthorizedOperation", ErrorKind::PermissionDenied),
+            ("RulesPerSecurityGroupLimitExceeded", ErrorKind::QuotaExceeded),
+            ("InvalidPermission.Duplicate", ErrorKind::Conflict),
+            ("InvalidGroup.NotFound", ErrorKind::NotFound),
+            ("InternalError", ErrorKind::Transient),
+            ("InvalidParameterValue", ErrorKind::Invalid),
+            ("InvalidGroupId.Malformed", ErrorKind::Invalid),
+            ("SomethingNew", ErrorKind::Other),
+        ] {
+            assert_eq!(kind_of_code(code), kind, "{code}");
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The ownership marker of a rule: tags for ownership and pools, the description (or tags,
+//! when it does not fit) for the Services served.
+//!
+//! Tags written through `TagSpecifications` are the same for every rule created by one
+//! authorize call, while an `IpRange` description is per rule. So the per-rule list of
+//! Services goes into the description, where one call can carry a different list for each
+//! rule; only a list too long for 255 characters goes into tags, with its rule authorized in
+//! a call of its own.
+
+use std::collections::BTreeSet;
+
+use nodeport_firewall_model::{PoolName, ServiceRef};
+
+pub const TAG_MANAGED_BY: &str = "nodeport-firewall.io/managed-by";
+pub const MANAGED_BY: &str = "nodeport-firewall";
+pub const TAG_CLUSTER: &str = "nodeport-firewall.io/cluster";
+pub const TAG_POOLS: &str = "nodeport-firewall.io/pools";
+pub const TAG_SERVICES: &str = "nodeport-firewall.io/services";
+
+/// Longest description EC2 accepts.
+pub const MAX_DESCRIPTION: usize = 255;
+/// Longest tag value written (EC2 allows 256).
+pub const MAX_TAG_VALUE: usize = 255;
+/// Tags one resource may carry (EC2: 50), minus the fixed ones and some slack for others.
+pub const MAX_LIST_TAGS: usize = 40;
+
+const DESCRIPTION_PREFIX: &str = "nodeport-firewall cluster=";
+const SERVICES_PART: &str = " services=";
+
+/// Whether a character may appear in an EC2 rule description.
+fn allowed(c: char) -> bool {
+    c.is_ascii_alphanumeric() || ". _-:/()#,@[]+=&;{}!$*".contains(c)
+}
+
+/// Keeps only the characters EC2 allows in a description, within its length.
+pub fn sanitize_description(s: &str) -> String {
+    s.chars()
+        .map(|c| if allowed(c) { c } else { '_' })
+        .take(MAX_DESCRIPTION)
+        .collect()
+}
+
+/// The metadata written with one rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marker {
+    pub description: String,
+    /// Tags beyond the common ones (managed-by, cluster, pools): the Services, when they do
+    /// not fit the description.
+    pub service_tags: Vec<(String, String)>,
+}
+
+/// The tags every rule of this cluster carries.
+pub fn common_tags(cluster: &str, pools: &BTreeSet<PoolName>) -> Vec<(String, String)> {
+    let mut tags = vec![
+        (TAG_MANAGED_BY.to_string(), MANAGED_BY.to_string()),
+        (TAG_CLUSTER.to_string(), cluster.to_string()),
+    ];
+    tags.extend(chunk_tags(
+        TAG_POOLS,
+        pools.iter().map(|p| p.as_str().to_string()),
+    ));
+    tags
+}
+
+/// Splits a list over tags `key`, `key.1`, `key.2`, ..., each value a comma-separated run of
+/// whole items within [`MAX_TAG_VALUE`].
+pub fn chunk_tags(key: &str, items: impl IntoIterator<Item = String>) -> Vec<(String, String)> {
+    let mut values: Vec<String> = Vec::new();
+    for item in items {
+        match values.last_mut() {
+            Some(v) if v.len() + 1 + item.len() <= MAX_TAG_VALUE => {
+                v.push(',');
+                v.push_str(&item);
+            }
+            _ => values.push(item),
+        }
+    }
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let k = if i == 0 {
+                key.to_string()
+            } else {
+                format!("{key}.{i}")
+            };
+            (k, v)
+        })
+        .collect()
+}
+
+/// Whether `tag` is `key` or one of its continuation tags.
+pub fn is_list_tag(tag: &str, key: &str) -> bool {
+    tag == key
+        || tag
+            .strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+}
+
+fn list_from_tags<'a>(tags: impl IntoIterator<Item = (&'a str, &'a str)>, key: &str) -> Vec<String> {
+    tags.into_iter()
+        .filter(|(k, _)| is_list_tag(k, key))
+        .flat_map(|(_, v)| v.split(','))
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The marker of a rule serving `services`.
+pub fn marker(cluster: &str, services: &BTreeSet<ServiceRef>) -> Marker {
+    let list: Vec<String> = services.iter().map(ToString::to_string).collect();
+    let inline = format!("{DESCRIPTION_PREFIX}{cluster}{SERVICES_PART}{}", list.join(","));
+    if inline.len() <= MAX_DESCRIPTION && inline.chars().all(allowed) {
+        return Marker {
+            description: inline,
+            service_tags: Vec::new(),
+        };
+    }
+    Marker {
+        description: sanitize_description(&format!(
+            "{DESCRIPTION_PREFIX}{cluster}{SERVICES_PART}[{} in tags]",
+            list.len()
+        )),
+        service_tags: chunk_tags(TAG_SERVICES, list),
+    }
+}
+
+/// What a rule's tags and description say about its owner and what it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Parsed {
+    /// Carries our marker with this cluster's name.
+    pub owned: bool,
+    pub services: BTreeSet<ServiceRef>,
+    pub pools: BTreeSet<PoolName>,
+    /// The Services/pools list tags present, so that stale ones can be deleted.
+    pub list_tag_keys: Vec<String>,
+}
+
+/// Reads the marker of an observed rule.
+pub fn parse<'a>(
+    cluster: &str,
+    tags: impl IntoIterator<Item = (&'a str, &'a str)> + Clone,
+    description: Option<&str>,
+) -> Parsed {
+    let get = |key: &str| {
+        tags.clone()
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    };
+    let owned = get(TAG_MANAGED_BY) == Some(MANAGED_BY) && get(TAG_CLUSTER) == Some(cluster);
+    if !owned {
+        return Parsed::default();
+    }
+    let from_tags = list_from_tags(tags.clone(), TAG_SERVICES);
+    let service_names: Vec<String> = if tags
+        .clone()
+        .into_iter()
+        .any(|(k, _)| is_list_tag(k, TAG_SERVICES))
+    {
+        from_tags
+    } else {
+        description
+            .and_then(|d| d.split_once(SERVICES_PART))
+            .map(|(_, list)| {
+                list.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let services = service_names
+        .iter()
+        .filter_map(|s| s.parse::<ServiceRef>().ok())
+        .collect();
+    let pools = list_from_tags(tags.clone(), TAG_POOLS)
+        .into_iter()
+        .map(PoolName::new)
+        .collect();
+    let list_tag_keys = tags
+        .into_iter()
+        .filter(|(k, _)| is_list_tag(k, TAG_SERVICES) || is_list_tag(k, TAG_POOLS))
+        .map(|(k, _)| k.to_string())
+        .collect();
+    Parsed {
+        owned,
+        services,
+        pools,
+        list_tag_keys,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svcs(n: usize, ns: &str) -> BTreeSet<ServiceRef> {
+        (0..n)
+            .map(|i| ServiceRef::new(ns, format!("service-{i}")))
+            .collect()
+    }
+
+    fn as_pairs(tags: &[(String, String)]) -> Vec<(&str, &str)> {
+        tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    }
+
+    #[test]
+    fn short_lists_go_in_the_description_and_round_trip() {
+        let pools: BTreeSet<PoolName> = [PoolName::new("a"), PoolName::new("b")].into();
+        let services = svcs(3, "default");
+        let m = marker("c1", &services);
+        assert!(m.service_tags.is_empty());
+        assert!(m.description.len() <= MAX_DESCRIPTION);
+        let tags = common_tags("c1", &pools);
+        let p = parse("c1", as_pairs(&tags), Some(&m.description));
+        assert!(p.owned);
+        assert_eq!(p.services, services);
+        assert_eq!(p.pools, pools);
+    }
+
+    #[test]
+    fn long_lists_go_in_tags_and_round_trip() {
+        let pools: BTreeSet<PoolName> = [PoolName::new("a")].into();
+        let services = svcs(300, "a-rather-long-namespace");
+        let m = marker("c1", &services);
+        assert!(m.service_tags.len() > 1);
+        assert!(m.service_tags.iter().all(|(_, v)| v.len() <= MAX_TAG_VALUE));
+        assert!(m.description.chars().all(allowed));
+        let mut tags = common_tags("c1", &pools);
+        tags.extend(m.service_tags.clone());
+        let p = parse("c1", as_pairs(&tags), Some(&m.description));
+        assert_eq!(p.services, services);
+        assert_eq!(p.list_tag_keys.len(), m.service_tags.len() + 1);
+    }
+
+    #[test]
+    fn other_clusters_and_untagged_rules_are_not_ours() {
+        let pools = BTreeSet::new();
+        let tags = common_tags("other", &pools);
+        assert!(!parse("c1", as_pairs(&tags), None).owned);
+        assert!(!parse("c1", Vec::<(&str, &str)>::new(), Some("nodeport-firewall cluster=c1 services=a/b")).owned);
+    }
+
+    #[test]
+    fn list_tags() {
+        assert!(is_list_tag("nodeport-firewall.io/services", TAG_SERVICES));
+        assert!(is_list_tag("nodeport-firewall.io/services.12", TAG_SERVICES));
+        assert!(!is_list_tag("nodeport-firewall.io/services.x", TAG_SERVICES));
+        assert!(!is_list_tag("nodeport-firewall.io/servicesx", TAG_SERVICES));
+    }
+
+    #[test]
+    fn descriptions_are_sanitized() {
+        assert_eq!(sanitize_description("a\"b<c>é"), "a_b_c__");
+        assert_eq!(sanitize_description(&"x".repeat(400)).len(), MAX_DESCRIPTION);
+    }
+}
