@@ -513,7 +513,9 @@ pub fn plan_target(
             changes.push(change(Action::Remove, r.rule.clone(), r.id.clone()));
         }
     }
-    changes.sort_by(|a, b| (a.action, &a.rule).cmp(&(b.action, &b.rule)));
+    changes.sort_by(|a, b| {
+        (a.action, &a.rule.content, &a.rule.name).cmp(&(b.action, &b.rule.content, &b.rule.name))
+    });
     changes.sort_by_key(|c| match c.action {
         Action::Remove => 0,
         Action::Update => 1,

@@ -244,6 +244,8 @@ pub struct NameParts<'a> {
     pub pools: &'a BTreeSet<PoolName>,
     pub protocol: Protocol,
     pub family: IpFamily,
+    /// All sources of the group the rule was cut from (not only the rule's own), so that
+    /// two groups never produce the same name.
     pub sources: &'a [IpNet],
     /// Index of this rule among the rules of the same protocol and sources, when limits
     /// split them.
@@ -367,7 +369,7 @@ impl Render for ShapeRenderer {
                             pools: ctx.pools,
                             protocol,
                             family,
-                            sources: source_chunk,
+                            sources: &sources,
                             chunk,
                         })
                     });

@@ -1,0 +1,230 @@
+//! The command line: `plan` and `apply`.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use nodeport_firewall_model::{Config, NodeSpec, ServiceSpec, desired};
+use nodeport_firewall_provider::engine::{self, ApplyOutcome};
+
+use crate::output::{self, Style};
+use crate::providers::{self, ProviderName};
+use crate::{Error, Result};
+
+/// Exit status: no changes pending.
+pub const EXIT_NO_CHANGES: u8 = 0;
+/// Exit status: an error (bad input, a target that cannot be planned or applied).
+pub const EXIT_ERROR: u8 = 1;
+/// Exit status of `plan`: changes pending.
+pub const EXIT_CHANGES: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nodeport-firewall",
+    version,
+    about = "Opens cloud firewall ports for Kubernetes NodePort Services, per node pool, and nothing else."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log level or filter (e.g. `info`, `nodeport_firewall=debug`).
+    #[arg(long, global = true, env = "NPF_LOG", default_value = "warn")]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, global = true, env = "NPF_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show what would change, like `terraform plan`. Exit 0: no changes, 2: changes pending, 1: error.
+    Plan(PlanArgs),
+    /// Plan, confirm, and apply once (outside the cluster, or in CI).
+    Apply(ApplyArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Node and Service manifests: YAML/JSON files or directories (repeatable).
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub filenames: Vec<PathBuf>,
+    /// The operator config file (YAML).
+    #[arg(long, env = "NPF_CONFIG")]
+    pub config: PathBuf,
+    /// Which cloud to read (and, for apply, write).
+    #[arg(long, value_enum, default_value_t = ProviderName::Memory, env = "NPF_PROVIDER")]
+    pub provider: ProviderName,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// Show unchanged rules and unmanaged Services with the reason.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// The in-memory provider's state file (JSON): read if it exists, written by apply.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Never colour the output (colour is used only on a terminal anyway; NO_COLOR works too).
+    #[arg(long)]
+    pub no_color: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// Apply without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+/// Sets up logging on stderr; stdout is for the plan.
+pub fn init_tracing(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match cli.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Runs a command; returns the exit status.
+pub async fn run(cli: Cli) -> Result<u8> {
+    match cli.command {
+        Command::Plan(args) => plan(args).await,
+        Command::Apply(args) => apply(args).await,
+    }
+}
+
+struct Prepared {
+    config: Config,
+    backend: providers::Backend,
+    plan: nodeport_firewall_model::Plan,
+    style: Style,
+}
+
+async fn prepare(args: &PlanArgs) -> Result<Prepared> {
+    let text = std::fs::read_to_string(&args.config)
+        .map_err(|e| Error::Io(format!("cannot read config {}: {e}", args.config.display())))?;
+    let config = Config::from_yaml(&text).map_err(|source| Error::Config {
+        path: args.config.display().to_string(),
+        source,
+    })?;
+    let manifests = crate::manifests::load(&args.filenames)?;
+    let mut services = Vec::with_capacity(manifests.services.len());
+    for s in &manifests.services {
+        services.push(ServiceSpec::from_k8s(s).map_err(|e| Error::Manifest {
+            path: "Service".into(),
+            message: e.to_string(),
+        })?);
+    }
+    let mut nodes = Vec::with_capacity(manifests.nodes.len());
+    for n in &manifests.nodes {
+        nodes.push(
+            NodeSpec::from_k8s(n, &config.pool_labels).map_err(|e| Error::Manifest {
+                path: "Node".into(),
+                message: e.to_string(),
+            })?,
+        );
+    }
+    let backend = providers::build(args.provider, &config, args.state.as_deref()).await?;
+    let d = desired(&config, &services, &nodes);
+    let plan = engine::plan(backend.provider(), &config, &d).await;
+    let color =
+        !args.no_color && std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal();
+    Ok(Prepared {
+        config,
+        backend,
+        plan,
+        style: Style { color },
+    })
+}
+
+fn print_plan(p: &Prepared, args: &PlanArgs) -> Result<()> {
+    let text = match args.output {
+        OutputFormat::Json => {
+            serde_json::to_string_pretty(&p.plan).map_err(|e| Error::Io(e.to_string()))? + "\n"
+        }
+        OutputFormat::Text => output::text(&p.plan, args.verbose, p.style),
+    };
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .map_err(|e| Error::Io(e.to_string()))?;
+    stdout.flush().map_err(|e| Error::Io(e.to_string()))
+}
+
+async fn plan(args: PlanArgs) -> Result<u8> {
+    let p = prepare(&args).await?;
+    print_plan(&p, &args)?;
+    Ok(if p.plan.has_errors() {
+        EXIT_ERROR
+    } else if p.plan.has_changes() {
+        EXIT_CHANGES
+    } else {
+        EXIT_NO_CHANGES
+    })
+}
+
+async fn apply(args: ApplyArgs) -> Result<u8> {
+    let p = prepare(&args.plan).await?;
+    print_plan(&p, &args.plan)?;
+    if !p.plan.has_changes() {
+        println!("No changes to apply.");
+        return Ok(if p.plan.has_errors() {
+            EXIT_ERROR
+        } else {
+            EXIT_NO_CHANGES
+        });
+    }
+    if !args.yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(Error::Usage(
+                "apply needs confirmation: run it on a terminal, or pass --yes".into(),
+            ));
+        }
+        print!(
+            "Apply these changes to cluster {}? Only 'yes' is accepted: ",
+            p.config.cluster_name
+        );
+        std::io::stdout()
+            .flush()
+            .map_err(|e| Error::Io(e.to_string()))?;
+        let mut answer = String::new();
+        std::io::stdin()
+            .read_line(&mut answer)
+            .map_err(|e| Error::Io(e.to_string()))?;
+        if answer.trim() != "yes" {
+            println!("Apply cancelled.");
+            return Ok(EXIT_ERROR);
+        }
+    }
+    let outcomes = engine::apply(p.backend.provider(), &p.plan).await;
+    p.backend.save_state(args.plan.state.as_deref())?;
+    print!("{}", output::applied(&outcomes, p.style));
+    let failed = outcomes.iter().any(|(_, o)| {
+        matches!(
+            o,
+            ApplyOutcome::Failed { .. } | ApplyOutcome::Refused { .. }
+        )
+    });
+    Ok(if failed || p.plan.has_errors() {
+        EXIT_ERROR
+    } else {
+        EXIT_NO_CHANGES
+    })
+}

@@ -1,0 +1,99 @@
+//! Chooses and builds the provider named on the command line.
+
+use std::path::Path;
+
+use nodeport_firewall_model::Config;
+use nodeport_firewall_provider::memory::MemoryState;
+use nodeport_firewall_provider::{Error as ProviderError, ErrorKind, MemoryProvider, Provider};
+
+use crate::{Error, Result};
+
+/// The providers this binary knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProviderName {
+    Memory,
+    Aws,
+    Gcp,
+    Azure,
+}
+
+impl ProviderName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderName::Memory => "memory",
+            ProviderName::Aws => "aws",
+            ProviderName::Gcp => "gcp",
+            ProviderName::Azure => "azure",
+        }
+    }
+}
+
+/// A built provider.
+#[derive(Debug)]
+pub enum Backend {
+    Memory(MemoryProvider),
+}
+
+impl Backend {
+    pub fn provider(&self) -> &dyn Provider {
+        match self {
+            Backend::Memory(p) => p,
+        }
+    }
+
+    /// Saves the in-memory provider's state, when it has a state file.
+    pub fn save_state(&self, path: Option<&Path>) -> Result<()> {
+        match (self, path) {
+            (Backend::Memory(p), Some(path)) => {
+                let state = p.snapshot().map_err(|e| provider_error("memory", e))?;
+                let text =
+                    serde_json::to_string_pretty(&state).map_err(|e| Error::Io(e.to_string()))?;
+                std::fs::write(path, text + "\n")
+                    .map_err(|e| Error::Io(format!("cannot write {}: {e}", path.display())))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn provider_error(provider: &str, source: ProviderError) -> Error {
+    Error::Provider {
+        provider: provider.to_string(),
+        source,
+    }
+}
+
+/// Builds the provider. `state` is the in-memory provider's state file: read if it exists.
+pub async fn build(name: ProviderName, config: &Config, state: Option<&Path>) -> Result<Backend> {
+    match name {
+        ProviderName::Memory => {
+            let p = MemoryProvider::from_config(
+                &config.cluster_name,
+                config.provider_section("memory"),
+            )
+            .map_err(|e| provider_error("memory", e))?;
+            if let Some(path) = state.filter(|p| p.exists()) {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
+                let s: MemoryState = serde_json::from_str(&text).map_err(|e| {
+                    Error::Io(format!(
+                        "{}: not a memory provider state: {e}",
+                        path.display()
+                    ))
+                })?;
+                p.load(s).map_err(|e| provider_error("memory", e))?;
+            }
+            Ok(Backend::Memory(p))
+        }
+        other => Err(provider_error(
+            other.as_str(),
+            ProviderError::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "the {} provider is not built yet; use --provider memory",
+                    other.as_str()
+                ),
+            ),
+        )),
+    }
+}
