@@ -103,9 +103,9 @@ pub fn choose(
             .iter()
             .map(|(n, _)| format!("{} ({})", n.node, n.instance))
             .collect();
-        let tagged_many = ambiguous
-            .iter()
-            .any(|(n, c)| c.len() < n.groups.len() || c.iter().all(|g| info.get(*g).is_some_and(|i| i.tagged)));
+        let tagged_many = ambiguous.iter().any(|(n, c)| {
+            c.len() < n.groups.len() || c.iter().all(|g| info.get(*g).is_some_and(|i| i.tagged))
+        });
         let why = if tagged_many {
             format!("more than one of them is tagged {tag_key}")
         } else {
@@ -132,7 +132,10 @@ pub fn choose(
                             "{} ({}) -> {}",
                             n.node,
                             n.instance,
-                            g.iter().map(|x| describe(x, info)).collect::<Vec<_>>().join(",")
+                            g.iter()
+                                .map(|x| describe(x, info))
+                                .collect::<Vec<_>>()
+                                .join(",")
                         )
                     })
                 })
@@ -142,7 +145,10 @@ pub fn choose(
                 "pool {pool}: its nodes resolve to different security groups; most use {}, outliers: {}. Give the pool's nodes the same security group, split the pool, or name the groups in the operator config:\n{}",
                 majority_text.join(","),
                 outliers.join("; "),
-                config_lines(pool, &majority.iter().map(String::as_str).collect::<Vec<_>>()),
+                config_lines(
+                    pool,
+                    &majority.iter().map(String::as_str).collect::<Vec<_>>()
+                ),
             )))
         }
         [] => Err(discovery(format!("pool {pool}: no security group found"))),
@@ -207,7 +213,10 @@ mod tests {
 
     #[test]
     fn provider_ids() {
-        assert_eq!(instance_id("aws:///us-east-1a/i-0abc123"), Some("i-0abc123"));
+        assert_eq!(
+            instance_id("aws:///us-east-1a/i-0abc123"),
+            Some("i-0abc123")
+        );
         assert_eq!(instance_id("aws:///i-0abc123"), Some("i-0abc123"));
         assert_eq!(instance_id("gce://p/z/i-0abc"), None);
         assert_eq!(instance_id("aws:///us-east-1a/fargate-ip-10"), None);
@@ -222,13 +231,26 @@ mod tests {
             vec!["sg-1"]
         );
         assert_eq!(
-            choose(&pool, "k", &[ng("a", &["sg-1", "sg-2"])], &info(&["sg-2"], &all)).unwrap(),
+            choose(
+                &pool,
+                "k",
+                &[ng("a", &["sg-1", "sg-2"])],
+                &info(&["sg-2"], &all)
+            )
+            .unwrap(),
             vec!["sg-2"]
         );
         let e = choose(&pool, "k", &[ng("a", &["sg-1", "sg-2"])], &info(&[], &all)).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Discovery);
-        assert!(e.message.contains("sg-1 (name-sg-1), sg-2 (name-sg-2)"), "{e}");
-        assert!(e.message.contains("pools:\n  web:\n    aws:\n      securityGroupIds: [sg-1]"), "{e}");
+        assert!(
+            e.message.contains("sg-1 (name-sg-1), sg-2 (name-sg-2)"),
+            "{e}"
+        );
+        assert!(
+            e.message
+                .contains("pools:\n  web:\n    aws:\n      securityGroupIds: [sg-1]"),
+            "{e}"
+        );
         let e = choose(
             &pool,
             "k",

@@ -6,13 +6,17 @@ use nodeport_firewall_provider::{Error, ErrorKind};
 /// The neutral kind of an EC2 error code.
 pub fn kind_of_code(code: &str) -> ErrorKind {
     match code {
-        "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "RequestThrottled"
+        "RequestLimitExceeded"
+        | "Throttling"
+        | "ThrottlingException"
+        | "RequestThrottled"
         | "SlowDown" => ErrorKind::Throttled,
         "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable" => {
             ErrorKind::Transient
         }
-        "UnauthorizedOperation" | "AuthFailure" | "AccessDenied" | "Blocked"
-        | "OptInRequired" => ErrorKind::PermissionDenied,
+        "UnauthorizedOperation" | "AuthFailure" | "AccessDenied" | "Blocked" | "OptInRequired" => {
+            ErrorKind::PermissionDenied
+        }
         "RulesPerSecurityGroupLimitExceeded" | "SecurityGroupLimitExceeded" => {
             ErrorKind::QuotaExceeded
         }
@@ -45,7 +49,10 @@ where
         }
         SdkError::DispatchFailure(d) => Error::new(
             ErrorKind::Transient,
-            format!("EC2 {op}: request not delivered: {:?}", d.as_connector_error()),
+            format!(
+                "EC2 {op}: request not delivered: {:?}",
+                d.as_connector_error()
+            ),
         ),
         SdkError::ConstructionFailure(_) => Error::new(
             ErrorKind::Invalid,
@@ -91,7 +98,10 @@ mod tests {
             ("RequestLimitExceeded", ErrorKind::Throttled),
             ("Throttling", ErrorKind::Throttled),
             ("UnauthorizedOperation", ErrorKind::PermissionDenied),
-            ("RulesPerSecurityGroupLimitExceeded", ErrorKind::QuotaExceeded),
+            (
+                "RulesPerSecurityGroupLimitExceeded",
+                ErrorKind::QuotaExceeded,
+            ),
             ("InvalidPermission.Duplicate", ErrorKind::Conflict),
             ("InvalidGroup.NotFound", ErrorKind::NotFound),
             ("InternalError", ErrorKind::Transient),

@@ -65,6 +65,7 @@ struct Seen {
 }
 
 type CacheKey = (String, Vec<String>);
+type Tags = Vec<(String, String)>;
 
 /// The EC2 security-group provider.
 pub struct AwsProvider {
@@ -250,9 +251,10 @@ impl AwsProvider {
                     let Some(id) = inst.instance_id() else {
                         continue;
                     };
-                    let primary = inst.network_interfaces().iter().find(|ni| {
-                        ni.attachment().and_then(|a| a.device_index()) == Some(0)
-                    });
+                    let primary = inst
+                        .network_interfaces()
+                        .iter()
+                        .find(|ni| ni.attachment().and_then(|a| a.device_index()) == Some(0));
                     let groups: Vec<String> = match primary {
                         Some(ni) => ni
                             .groups()
@@ -382,10 +384,10 @@ impl AwsProvider {
             .lock()
             .ok()
             .and_then(|s| s.get(&target.id).cloned());
-        if let Some(seen) = cached {
-            if ids.iter().all(|id| seen.contains_key(*id)) {
-                return Ok(seen);
-            }
+        if let Some(seen) = cached
+            && ids.iter().all(|id| seen.contains_key(*id))
+        {
+            return Ok(seen);
         }
         self.observe(target).await?;
         Ok(self
@@ -412,15 +414,17 @@ impl AwsProvider {
         let mut contents = HashSet::new();
         // Rules whose tags are the same go in one call; a rule whose Services do not fit its
         // description carries them in tags of its own, so it goes alone.
-        let mut batches: BTreeMap<Vec<(String, String)>, Vec<(IpPermission, &Rule)>> =
-            BTreeMap::new();
+        let mut batches: BTreeMap<Tags, Vec<(IpPermission, &Rule)>> = BTreeMap::new();
         let mut singles = Vec::new();
         for c in adds {
             if !contents.insert(&c.rule.content) {
                 continue; // never the same permission twice in one request
             }
             if let Some(problem) = limits.check_rule(&c.rule) {
-                return Err(invalid(format!("refusing to write {}: {problem}", rule_text(&c.rule))));
+                return Err(invalid(format!(
+                    "refusing to write {}: {problem}",
+                    rule_text(&c.rule)
+                )));
             }
             let m = marker::marker(&self.cluster, &c.rule.services);
             if m.service_tags.len() > marker::MAX_LIST_TAGS {
@@ -500,7 +504,12 @@ impl AwsProvider {
         }
     }
 
-    async fn revoke(&self, group: &str, removes: &[&Change], report: &mut ApplyReport) -> Result<()> {
+    async fn revoke(
+        &self,
+        group: &str,
+        removes: &[&Change],
+        report: &mut ApplyReport,
+    ) -> Result<()> {
         let mut ids: Vec<String> = removes.iter().filter_map(|c| c.id.clone()).collect();
         ids.sort();
         ids.dedup();
@@ -549,10 +558,9 @@ impl AwsProvider {
         let mut create: BTreeMap<Vec<(String, String)>, Vec<String>> = BTreeMap::new();
         let mut delete: BTreeMap<Vec<String>, Vec<String>> = BTreeMap::new();
         for c in updates {
-            let id = c
-                .id
-                .clone()
-                .ok_or_else(|| invalid("update without a rule id"))?;
+            let id =
+                c.id.clone()
+                    .ok_or_else(|| invalid("update without a rule id"))?;
             let previous = c.previous.as_ref();
             if previous.is_some_and(|p| p.content != c.rule.content) {
                 return Err(invalid(format!(
@@ -727,7 +735,9 @@ impl AwsProvider {
                     &mut missing,
                 );
             }
-            Err(e) => missing.push(format!("ec2:AuthorizeSecurityGroupIngress (could not check: {e})")),
+            Err(e) => missing.push(format!(
+                "ec2:AuthorizeSecurityGroupIngress (could not check: {e})"
+            )),
         }
         // Revoke, modify and tag on one of our own rules when there is one: with
         // resource-tag conditions in the policy, that is what decides.
@@ -790,7 +800,12 @@ impl AwsProvider {
                     self.client
                         .create_tags()
                         .resources(id)
-                        .tags(Tag::builder().key(marker::TAG_MANAGED_BY).value(marker::MANAGED_BY).build())
+                        .tags(
+                            Tag::builder()
+                                .key(marker::TAG_MANAGED_BY)
+                                .value(marker::MANAGED_BY)
+                                .build(),
+                        )
                         .dry_run(true)
                         .send()
                 })
@@ -851,7 +866,10 @@ fn protocol_text(p: Protocol) -> &'static str {
 }
 
 fn single(rule: &Rule) -> Result<(PortRange, IpNet)> {
-    match (rule.content.ports.as_slice(), rule.content.sources.as_slice()) {
+    match (
+        rule.content.ports.as_slice(),
+        rule.content.sources.as_slice(),
+    ) {
         ([ports], [source]) => Ok((*ports, source.trunc())),
         _ => Err(invalid(format!(
             "an EC2 rule has exactly one port range and one source: {}",
@@ -952,7 +970,10 @@ impl Provider for AwsProvider {
         let by_instance = self.instance_groups(&ids).await.map_err(|e| {
             let mut d = Error::new(
                 ErrorKind::Discovery,
-                format!("pool {}: cannot read its instances: {}", pool.name, e.message),
+                format!(
+                    "pool {}: cannot read its instances: {}",
+                    pool.name, e.message
+                ),
             );
             if e.kind == ErrorKind::PermissionDenied || e.is_retryable() {
                 d.kind = e.kind;
@@ -960,14 +981,21 @@ impl Provider for AwsProvider {
             d.code = e.code;
             d
         })?;
-        let missing: Vec<&String> = ids.iter().filter(|i| !by_instance.contains_key(*i)).collect();
+        let missing: Vec<&String> = ids
+            .iter()
+            .filter(|i| !by_instance.contains_key(*i))
+            .collect();
         if !missing.is_empty() {
             return Err(Error::new(
                 ErrorKind::Discovery,
                 format!(
                     "pool {}: instances not found in region: {}",
                     pool.name,
-                    missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    missing
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
         }
@@ -1057,7 +1085,10 @@ impl Provider for AwsProvider {
         let ids: Vec<&str> = removes
             .iter()
             .chain(updates.iter())
-            .map(|c| c.id.as_deref().ok_or_else(|| invalid("change without a rule id")))
+            .map(|c| {
+                c.id.as_deref()
+                    .ok_or_else(|| invalid("change without a rule id"))
+            })
             .collect::<Result<_>>()?;
         let seen = if ids.is_empty() {
             HashMap::new()
@@ -1065,16 +1096,18 @@ impl Provider for AwsProvider {
             self.seen_rules(&plan.target, &ids).await?
         };
         for id in &ids {
-            if let Some(s) = seen.get(*id) {
-                if !s.owned {
-                    return Err(invalid(format!(
-                        "rule {id} on {group} is not owned by cluster {}; refusing to change it",
-                        self.cluster
-                    )));
-                }
+            if seen.get(*id).is_some_and(|s| !s.owned) {
+                return Err(invalid(format!(
+                    "rule {id} on {group} is not owned by cluster {}; refusing to change it",
+                    self.cluster
+                )));
             }
         }
-        let gone: HashSet<&str> = ids.iter().copied().filter(|id| !seen.contains_key(*id)).collect();
+        let gone: HashSet<&str> = ids
+            .iter()
+            .copied()
+            .filter(|id| !seen.contains_key(*id))
+            .collect();
         let removes: Vec<&Change> = removes
             .into_iter()
             .filter(|c| !c.id.as_deref().is_some_and(|id| gone.contains(id)))
@@ -1086,9 +1119,9 @@ impl Provider for AwsProvider {
 
         let mut report = ApplyReport::default();
         for id in &gone {
-            report
-                .notes
-                .push(format!("rule {id} on {group} no longer exists; nothing to do"));
+            report.notes.push(format!(
+                "rule {id} on {group} no longer exists; nothing to do"
+            ));
         }
         let result = async {
             if plan.remove_first {

@@ -98,7 +98,10 @@ pub fn is_list_tag(tag: &str, key: &str) -> bool {
             .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
 }
 
-fn list_from_tags<'a>(tags: impl IntoIterator<Item = (&'a str, &'a str)>, key: &str) -> Vec<String> {
+fn list_from_tags<'a>(
+    tags: impl IntoIterator<Item = (&'a str, &'a str)>,
+    key: &str,
+) -> Vec<String> {
     tags.into_iter()
         .filter(|(k, _)| is_list_tag(k, key))
         .flat_map(|(_, v)| v.split(','))
@@ -110,7 +113,10 @@ fn list_from_tags<'a>(tags: impl IntoIterator<Item = (&'a str, &'a str)>, key: &
 /// The marker of a rule serving `services`.
 pub fn marker(cluster: &str, services: &BTreeSet<ServiceRef>) -> Marker {
     let list: Vec<String> = services.iter().map(ToString::to_string).collect();
-    let inline = format!("{DESCRIPTION_PREFIX}{cluster}{SERVICES_PART}{}", list.join(","));
+    let inline = format!(
+        "{DESCRIPTION_PREFIX}{cluster}{SERVICES_PART}{}",
+        list.join(",")
+    );
     if inline.len() <= MAX_DESCRIPTION && inline.chars().all(allowed) {
         return Marker {
             description: inline,
@@ -240,20 +246,36 @@ mod tests {
         let pools = BTreeSet::new();
         let tags = common_tags("other", &pools);
         assert!(!parse("c1", as_pairs(&tags), None).owned);
-        assert!(!parse("c1", Vec::<(&str, &str)>::new(), Some("nodeport-firewall cluster=c1 services=a/b")).owned);
+        assert!(
+            !parse(
+                "c1",
+                Vec::<(&str, &str)>::new(),
+                Some("nodeport-firewall cluster=c1 services=a/b")
+            )
+            .owned
+        );
     }
 
     #[test]
     fn list_tags() {
         assert!(is_list_tag("nodeport-firewall.io/services", TAG_SERVICES));
-        assert!(is_list_tag("nodeport-firewall.io/services.12", TAG_SERVICES));
-        assert!(!is_list_tag("nodeport-firewall.io/services.x", TAG_SERVICES));
+        assert!(is_list_tag(
+            "nodeport-firewall.io/services.12",
+            TAG_SERVICES
+        ));
+        assert!(!is_list_tag(
+            "nodeport-firewall.io/services.x",
+            TAG_SERVICES
+        ));
         assert!(!is_list_tag("nodeport-firewall.io/servicesx", TAG_SERVICES));
     }
 
     #[test]
     fn descriptions_are_sanitized() {
         assert_eq!(sanitize_description("a\"b<c>é"), "a_b_c__");
-        assert_eq!(sanitize_description(&"x".repeat(400)).len(), MAX_DESCRIPTION);
+        assert_eq!(
+            sanitize_description(&"x".repeat(400)).len(),
+            MAX_DESCRIPTION
+        );
     }
 }
