@@ -359,9 +359,13 @@ impl AwsProvider {
             services: if owned {
                 parsed.services
             } else {
-                BTreeSet::new()
+                Default::default()
             },
-            pools: if owned { parsed.pools } else { BTreeSet::new() },
+            pools: if owned {
+                parsed.pools
+            } else {
+                Default::default()
+            },
         };
         (
             ObservedRule {
@@ -665,12 +669,12 @@ impl AwsProvider {
                         32,
                     ))],
                 },
-                services: BTreeSet::new(),
-                pools: BTreeSet::new(),
+                services: Default::default(),
+                pools: Default::default(),
             },
             "nodeport-firewall permission check",
         );
-        let spec = tag_spec(&marker::common_tags(&self.cluster, &BTreeSet::new()));
+        let spec = tag_spec(&marker::common_tags(&self.cluster, &Default::default()));
         let filter = Filter::builder().name("group-id").values(group).build();
 
         let verdict = |name: &str, r: Result<()>, missing: &mut Vec<String>| match r {

@@ -7,9 +7,7 @@
 //! rule; only a list too long for 255 characters goes into tags, with its rule authorized in
 //! a call of its own.
 
-use std::collections::BTreeSet;
-
-use nodeport_firewall_model::{PoolName, ServiceRef};
+use nodeport_firewall_model::{PoolName, PoolSet, ServiceRef, ServiceSet};
 
 pub const TAG_MANAGED_BY: &str = "nodeport-firewall.io/managed-by";
 pub const MANAGED_BY: &str = "nodeport-firewall";
@@ -50,7 +48,7 @@ pub struct Marker {
 }
 
 /// The tags every rule of this cluster carries.
-pub fn common_tags(cluster: &str, pools: &BTreeSet<PoolName>) -> Vec<(String, String)> {
+pub fn common_tags(cluster: &str, pools: &PoolSet) -> Vec<(String, String)> {
     let mut tags = vec![
         (TAG_MANAGED_BY.to_string(), MANAGED_BY.to_string()),
         (TAG_CLUSTER.to_string(), cluster.to_string()),
@@ -111,7 +109,7 @@ fn list_from_tags<'a>(
 }
 
 /// The marker of a rule serving `services`.
-pub fn marker(cluster: &str, services: &BTreeSet<ServiceRef>) -> Marker {
+pub fn marker(cluster: &str, services: &ServiceSet) -> Marker {
     let list: Vec<String> = services.iter().map(ToString::to_string).collect();
     let inline = format!(
         "{DESCRIPTION_PREFIX}{cluster}{SERVICES_PART}{}",
@@ -137,8 +135,8 @@ pub fn marker(cluster: &str, services: &BTreeSet<ServiceRef>) -> Marker {
 pub struct Parsed {
     /// Carries our marker with this cluster's name.
     pub owned: bool,
-    pub services: BTreeSet<ServiceRef>,
-    pub pools: BTreeSet<PoolName>,
+    pub services: ServiceSet,
+    pub pools: PoolSet,
     /// The Services/pools list tags present, so that stale ones can be deleted.
     pub list_tag_keys: Vec<String>,
 }
@@ -202,7 +200,7 @@ pub fn parse<'a>(
 mod tests {
     use super::*;
 
-    fn svcs(n: usize, ns: &str) -> BTreeSet<ServiceRef> {
+    fn svcs(n: usize, ns: &str) -> ServiceSet {
         (0..n)
             .map(|i| ServiceRef::new(ns, format!("service-{i}")))
             .collect()
@@ -214,7 +212,7 @@ mod tests {
 
     #[test]
     fn short_lists_go_in_the_description_and_round_trip() {
-        let pools: BTreeSet<PoolName> = [PoolName::new("a"), PoolName::new("b")].into();
+        let pools: PoolSet = [PoolName::new("a"), PoolName::new("b")].into();
         let services = svcs(3, "default");
         let m = marker("c1", &services);
         assert!(m.service_tags.is_empty());
@@ -228,7 +226,7 @@ mod tests {
 
     #[test]
     fn long_lists_go_in_tags_and_round_trip() {
-        let pools: BTreeSet<PoolName> = [PoolName::new("a")].into();
+        let pools: PoolSet = [PoolName::new("a")].into();
         let services = svcs(300, "a-rather-long-namespace");
         let m = marker("c1", &services);
         assert!(m.service_tags.len() > 1);
@@ -243,7 +241,7 @@ mod tests {
 
     #[test]
     fn other_clusters_and_untagged_rules_are_not_ours() {
-        let pools = BTreeSet::new();
+        let pools = PoolSet::default();
         let tags = common_tags("other", &pools);
         assert!(!parse("c1", as_pairs(&tags), None).owned);
         assert!(

@@ -826,8 +826,8 @@ async fn quota_counts_foreign_rules_and_is_a_plan_error() {
                 )],
                 sources: vec!["192.0.2.0/24".parse().unwrap()],
             },
-            services: BTreeSet::new(),
-            pools: BTreeSet::new(),
+            services: Default::default(),
+            pools: Default::default(),
         };
         env.seed(&sg, None, &rule).await;
     }

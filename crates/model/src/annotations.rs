@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use crate::config::Config;
 use crate::desired::PoolSelector;
-use crate::net::{SourceSet, parse_ranges};
+use crate::net::{ParsedRanges, SourceSet, parse_ranges};
 use crate::node::PoolName;
 use crate::rule::{Protocol, join};
 use crate::service::{ServiceRef, ServiceSpec, ServiceType};
@@ -65,8 +65,17 @@ fn tokens(value: &str) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Parsed `allowed-source-ranges` values, by their text: most Services of a cluster share a
+/// handful of allowlists, so each distinct text is parsed once per plan.
+pub type RangeCache = rustc_hash::FxHashMap<String, Result<ParsedRanges, Vec<String>>>;
+
 /// Decides whether `svc` is managed, and validates its annotations if it is.
 pub fn admit(svc: &ServiceSpec, config: &Config) -> Admission {
+    admit_cached(svc, config, &mut RangeCache::default())
+}
+
+/// [`admit`], with a cache of parsed ranges shared across Services.
+pub fn admit_cached(svc: &ServiceSpec, config: &Config, cache: &mut RangeCache) -> Admission {
     let get = |key: &str| svc.annotations.get(key).map(String::as_str);
     let enabled = match get(ENABLED).map(str::trim) {
         None => None,
@@ -166,30 +175,32 @@ pub fn admit(svc: &ServiceSpec, config: &Config) -> Admission {
             chosen
         }
     };
-    let mut ports = BTreeSet::new();
+    let mut ports = Vec::with_capacity(selected.len());
     for p in selected {
-        let label = p.name.clone().unwrap_or_else(|| p.port.to_string());
+        let label = || p.name.clone().unwrap_or_else(|| p.port.to_string());
         let protocol = match p.protocol.parse::<Protocol>() {
             Ok(proto) => proto,
             Err(e) => {
-                errors.push(format!("port {label}: {e}"));
+                errors.push(format!("port {}: {e}", label()));
                 continue;
             }
         };
         match p.node_port {
-            None | Some(0) => warnings.push(format!("port {label} has no nodePort yet; skipped")),
+            None | Some(0) => {
+                warnings.push(format!("port {} has no nodePort yet; skipped", label()))
+            }
             Some(n) => match u16::try_from(n) {
                 Ok(n) if n > 0 => {
-                    ports.insert((protocol, n));
+                    ports.push((protocol, n));
                 }
-                _ => errors.push(format!("port {label}: nodePort {n} is outside 1-65535")),
+                _ => errors.push(format!("port {}: nodePort {n} is outside 1-65535", label())),
             },
         }
     }
 
     // From where.
     let sources = match get(ALLOWED_SOURCE_RANGES) {
-        Some(value) => match parse_ranges(value) {
+        Some(value) => match cached_ranges(cache, value) {
             Ok(parsed) => {
                 warnings.extend(
                     parsed
@@ -265,11 +276,24 @@ pub fn admit(svc: &ServiceSpec, config: &Config) -> Admission {
     }
     Admission::Managed(ServiceIntent {
         service: svc.service.clone(),
-        ports: ports.into_iter().collect(),
+        ports: {
+            ports.sort_unstable();
+            ports.dedup();
+            ports
+        },
         sources,
         pools,
         warnings,
     })
+}
+
+fn cached_ranges(cache: &mut RangeCache, text: &str) -> Result<ParsedRanges, Vec<String>> {
+    if let Some(hit) = cache.get(text) {
+        return hit.clone();
+    }
+    let parsed = parse_ranges(text);
+    cache.insert(text.to_string(), parsed.clone());
+    parsed
 }
 
 /// A cheap typo check: same length give or take two, and most characters shared in order.

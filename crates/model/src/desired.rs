@@ -1,11 +1,13 @@
 //! The desired state: for every node pool, the grants its Services ask for.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::annotations::{Admission, ServiceIntent, admit};
+use crate::annotations::{Admission, RangeCache, ServiceIntent, admit_cached};
 use crate::config::{Config, PortMerge};
 use crate::net::SourceSet;
 use crate::node::{NodeSpec, PoolName};
@@ -20,11 +22,15 @@ pub enum PoolSelector {
     Named(BTreeSet<PoolName>),
 }
 
-/// One node port of one protocol, and the Services that asked for it from a source set.
+/// One node port of one protocol, and the Service that asked for it from a source set. A
+/// port belongs to one Service: two claimants are a conflict and neither is planned.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PortGrant {
     pub port: u16,
-    pub services: Vec<ServiceRef>,
+    /// The Service's rank in the sorted order of all Services, so that renderers sort
+    /// integers rather than names.
+    pub rank: u32,
+    pub service: ServiceRef,
 }
 
 /// A protocol, a set of node ports, a set of sources, and the Services served. Grants are
@@ -43,8 +49,9 @@ pub struct PoolState {
     pub name: PoolName,
     pub managed: bool,
     pub nodes: Vec<NodeSpec>,
-    /// Shared between pools that receive exactly the same Services.
-    pub grants: Arc<Vec<Grant>>,
+    /// Layers of grants: the layer of Services that ask for every pool is shared by all
+    /// pools (one allocation, not one per pool); a pool named by Services gets one more.
+    pub grants: Vec<Arc<Vec<Grant>>>,
 }
 
 /// What happened to one Service, for the plan output, Events and conditions.
@@ -60,9 +67,10 @@ pub struct ServiceReport {
     pub errors: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
-    /// The managed pools this Service's ports are opened on.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub pools: Vec<PoolName>,
+    /// The managed pools this Service's ports are opened on (shared: most Services ask for
+    /// all pools).
+    #[serde(skip_serializing_if = "<[PoolName]>::is_empty")]
+    pub pools: Arc<[PoolName]>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -79,8 +87,8 @@ pub struct Desired {
     pub cluster: String,
     pub port_merge: PortMerge,
     pub pools: BTreeMap<PoolName, PoolState>,
-    /// One report per Service given, sorted.
-    pub services: Vec<ServiceReport>,
+    /// One report per Service given, sorted. Shared with the plans made from it.
+    pub services: Arc<Vec<ServiceReport>>,
     /// Nodes that carry none of the pool labels.
     pub unpooled_nodes: Vec<String>,
     /// Invalid Services: their existing rules are kept exactly as they are.
@@ -93,18 +101,21 @@ impl Desired {
     }
 }
 
-type GrantMap = HashMap<(Protocol, SourceSet), BTreeMap<u16, Vec<ServiceRef>>>;
+type GrantMap = FxHashMap<(Protocol, SourceSet), Vec<PortGrant>>;
 
-fn add_intent(map: &mut GrantMap, intent: &ServiceIntent) {
+fn add_intent(map: &mut GrantMap, intent: &ServiceIntent, rank: usize) {
+    let rank = u32::try_from(rank).unwrap_or(u32::MAX);
     if intent.sources.is_empty() {
         return;
     }
     for (protocol, port) in &intent.ports {
         map.entry((*protocol, intent.sources.clone()))
             .or_default()
-            .entry(*port)
-            .or_default()
-            .push(intent.service.clone());
+            .push(PortGrant {
+                port: *port,
+                rank,
+                service: intent.service.clone(),
+            });
     }
 }
 
@@ -114,35 +125,15 @@ fn into_grants(map: GrantMap) -> Vec<Grant> {
         .map(|((protocol, sources), ports)| Grant {
             protocol,
             sources,
-            ports: ports
-                .into_iter()
-                .map(|(port, mut services)| {
-                    services.sort();
-                    services.dedup();
-                    PortGrant { port, services }
-                })
-                .collect(),
+            ports: {
+                let mut ports = ports;
+                ports.sort_unstable_by_key(|p| (p.port, p.rank));
+                ports
+            },
         })
         .collect();
     grants.sort_by(|a, b| (a.protocol, &a.sources).cmp(&(b.protocol, &b.sources)));
     grants
-}
-
-/// Unions grants, e.g. of several pools that share one scope on one target.
-pub fn merge_grants<'a>(sets: impl IntoIterator<Item = &'a [Grant]>) -> Vec<Grant> {
-    let mut map: GrantMap = HashMap::new();
-    for grants in sets {
-        for g in grants {
-            let entry = map.entry((g.protocol, g.sources.clone())).or_default();
-            for p in &g.ports {
-                entry
-                    .entry(p.port)
-                    .or_default()
-                    .extend(p.services.iter().cloned());
-            }
-        }
-    }
-    into_grants(map)
 }
 
 /// Computes the desired state. Pure and total: no input makes it fail or panic; every
@@ -166,10 +157,15 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
     }
     unpooled_nodes.sort();
 
-    // Admission, per Service.
+    // Admission, per Service, in Service order: a Service's rank is its index here, and
+    // the reports come out sorted.
+    let mut services: Vec<&ServiceSpec> = services.iter().collect();
+    services.sort_by(|a, b| a.service.cmp(&b.service));
     let mut reports = Vec::with_capacity(services.len());
     let mut intents: Vec<(ServiceIntent, usize)> = Vec::new();
     let mut pinned = BTreeSet::new();
+    let mut range_cache = RangeCache::default();
+    let no_pools: Arc<[PoolName]> = Arc::from(Vec::new());
     for svc in services {
         let mut report = ServiceReport {
             service: svc.service.clone(),
@@ -177,9 +173,9 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
             reason: None,
             errors: Vec::new(),
             warnings: Vec::new(),
-            pools: Vec::new(),
+            pools: Arc::clone(&no_pools),
         };
-        match admit(svc, config) {
+        match admit_cached(svc, config, &mut range_cache) {
             Admission::Managed(intent) => {
                 report.warnings = intent.warnings.clone();
                 intents.push((intent, reports.len()));
@@ -200,22 +196,22 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
 
     // Two Services claiming the same node port would let one's sources reach the other's
     // port: neither is planned until the conflict is gone.
-    let mut claims: HashMap<(Protocol, u16), Vec<usize>> = HashMap::new();
-    for (i, (intent, _)) in intents.iter().enumerate() {
-        for key in &intent.ports {
-            claims.entry(*key).or_default().push(i);
-        }
-    }
+    let mut claims: Vec<((Protocol, u16), usize)> = intents
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (intent, _))| intent.ports.iter().map(move |k| (*k, i)))
+        .collect();
+    claims.sort_unstable();
     let mut conflicted: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-    for ((protocol, port), claimants) in &claims {
-        if claimants.len() > 1 {
-            for &i in claimants {
-                let others: Vec<String> = claimants
+    for group in claims.chunk_by(|a, b| a.0 == b.0) {
+        if let [((protocol, port), _), _, ..] = group {
+            for (_, i) in group {
+                let others: Vec<String> = group
                     .iter()
-                    .filter(|&&j| j != i)
-                    .map(|&j| intents[j].0.service.to_string())
+                    .filter(|(_, j)| j != i)
+                    .map(|(_, j)| intents[*j].0.service.to_string())
                     .collect();
-                conflicted.entry(i).or_default().push(format!(
+                conflicted.entry(*i).or_default().push(format!(
                     "nodePort {protocol}/{port} is also claimed by {}",
                     others.join(", ")
                 ));
@@ -236,9 +232,9 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
     }
 
     // Grants: Services that ask for all pools are grouped once and shared.
-    let mut all_map: GrantMap = HashMap::new();
-    let mut named: Vec<&ServiceIntent> = Vec::new();
-    let managed: Vec<PoolName> = pools
+    let mut all_map: GrantMap = FxHashMap::default();
+    let mut named: Vec<(&ServiceIntent, usize)> = Vec::new();
+    let managed: Arc<[PoolName]> = pools
         .values()
         .filter(|p| p.managed)
         .map(|p| p.name.clone())
@@ -247,10 +243,11 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
         let report = &mut reports[*report_idx];
         match &intent.pools {
             PoolSelector::All => {
-                add_intent(&mut all_map, intent);
-                report.pools = managed.clone();
+                add_intent(&mut all_map, intent, *report_idx);
+                report.pools = Arc::clone(&managed);
             }
             PoolSelector::Named(names) => {
+                let mut on = Vec::new();
                 for name in names {
                     match pools.get(name) {
                         None => report
@@ -259,10 +256,11 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
                         Some(p) if !p.managed => {
                             report.warnings.push(format!("pool {name} is not managed"))
                         }
-                        Some(_) => report.pools.push(name.clone()),
+                        Some(_) => on.push(name.clone()),
                     }
                 }
-                named.push(intent);
+                report.pools = on.into();
+                named.push((intent, *report_idx));
             }
         }
         if report.pools.is_empty() && !intent.ports.is_empty() {
@@ -273,31 +271,25 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
     }
     let all_grants = Arc::new(into_grants(all_map));
     for pool in pools.values_mut().filter(|p| p.managed) {
-        let extra: Vec<&&ServiceIntent> = named
+        let extra: Vec<&(&ServiceIntent, usize)> = named
             .iter()
-            .filter(|i| matches!(&i.pools, PoolSelector::Named(n) if n.contains(&pool.name)))
+            .filter(|(i, _)| matches!(&i.pools, PoolSelector::Named(n) if n.contains(&pool.name)))
             .collect();
-        pool.grants = if extra.is_empty() {
-            Arc::clone(&all_grants)
-        } else {
-            let mut map: GrantMap = HashMap::new();
-            for intent in extra {
-                add_intent(&mut map, intent);
+        pool.grants = vec![Arc::clone(&all_grants)];
+        if !extra.is_empty() {
+            let mut map: GrantMap = FxHashMap::default();
+            for (intent, rank) in extra {
+                add_intent(&mut map, intent, *rank);
             }
-            let named_grants = into_grants(map);
-            Arc::new(merge_grants([
-                all_grants.as_slice(),
-                named_grants.as_slice(),
-            ]))
-        };
+            pool.grants.push(Arc::new(into_grants(map)));
+        }
     }
 
-    reports.sort_by(|a, b| a.service.cmp(&b.service));
     Desired {
         cluster: config.cluster_name.clone(),
         port_merge: config.policy.port_merge,
         pools,
-        services: reports,
+        services: Arc::new(reports),
         unpooled_nodes,
         pinned,
     }
@@ -308,7 +300,7 @@ fn new_pool(config: &Config, name: &PoolName) -> PoolState {
         name: name.clone(),
         managed: config.pool_managed(name),
         nodes: Vec::new(),
-        grants: Arc::new(Vec::new()),
+        grants: Vec::new(),
     }
 }
 
@@ -334,10 +326,14 @@ mod tests {
     }
 
     fn ports_of(pool: &PoolState) -> Vec<(u16, String)> {
-        pool.grants
+        let mut out: Vec<(u16, String)> = pool
+            .grants
             .iter()
+            .flat_map(|layer| layer.iter())
             .flat_map(|g| g.ports.iter().map(move |p| (p.port, g.sources.to_string())))
-            .collect()
+            .collect();
+        out.sort();
+        out
     }
 
     #[test]
@@ -372,7 +368,11 @@ mod tests {
                 .all(|r| r.status == ServiceStatus::Invalid)
         );
         assert!(d.services[0].errors[0].contains("also claimed by default/two"));
-        assert!(d.pools.values().all(|p| p.grants.is_empty()));
+        assert!(
+            d.pools
+                .values()
+                .all(|p| p.grants.iter().all(|l| l.is_empty()))
+        );
     }
 
     #[test]
@@ -388,7 +388,10 @@ mod tests {
         let services =
             vec![svc("s", 30001, "10.0.0.0/8").with_annotation("node-pools", "b, ghost")];
         let d = desired(&config, &services, &nodes());
-        assert!(d.pools[&PoolName::new("b")].grants.is_empty());
+        assert!(
+            d.pools[&PoolName::new("b")].grants.is_empty(),
+            "unmanaged pools get no grants"
+        );
         let w = &d.services[0].warnings;
         assert!(
             w.iter().any(|w| w.contains("pool b is not managed")),
@@ -410,7 +413,11 @@ mod tests {
         ];
         let d = desired(&Config::new("c"), &services, &nodes());
         let a = &d.pools[&PoolName::new("a")];
-        assert_eq!(a.grants.len(), 2);
-        assert!(Arc::ptr_eq(&a.grants, &d.pools[&PoolName::new("b")].grants));
+        assert_eq!(a.grants.len(), 1, "one shared layer");
+        assert_eq!(a.grants[0].len(), 2, "two source sets, two grants");
+        assert!(Arc::ptr_eq(
+            &a.grants[0],
+            &d.pools[&PoolName::new("b")].grants[0]
+        ));
     }
 }

@@ -17,9 +17,11 @@ pub mod config;
 pub mod desired;
 pub mod net;
 pub mod node;
+mod parallel;
 pub mod plan;
 pub mod rule;
 pub mod service;
+pub mod set;
 
 pub use annotations::{ANNOTATION_PREFIX, Admission, ServiceIntent};
 pub use config::{Config, Policy, PoolConfig, PortMerge};
@@ -32,6 +34,7 @@ pub use plan::{
 };
 pub use rule::{Limits, PortRange, Protocol, Render, Rule, RuleContent, ShapeRenderer};
 pub use service::{ServicePort, ServiceRef, ServiceSpec, ServiceType};
+pub use set::{PoolSet, ServiceSet, SharedSet};
 
 /// Errors of the pure model: invalid configuration or unreadable input objects.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

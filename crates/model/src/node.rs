@@ -126,6 +126,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::type_complexity)] // a table of cases
     fn first_pool_label_wins() {
         let labels: Vec<String> = ["eks.amazonaws.com/nodegroup", "karpenter.sh/nodepool"]
             .iter()

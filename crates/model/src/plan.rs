@@ -1,15 +1,19 @@
 //! The planner: per target, compare the desired rules with the rules observed there and
 //! decide what to add, remove, change or keep.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use rustc_hash::FxHashMap as HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::desired::{Desired, Grant, ServiceReport, merge_grants};
+use crate::desired::{Desired, Grant, ServiceReport};
 use crate::net::IpFamily;
 use crate::node::PoolName;
 use crate::rule::{Limits, Render, RenderContext, Rule, RuleContent};
+use crate::set::PoolSet;
 
 /// The version of the JSON plan schema (docs/plan-format.md).
 pub const PLAN_FORMAT_VERSION: u32 = 1;
@@ -233,7 +237,7 @@ pub struct Plan {
     pub provider: String,
     pub targets: Vec<TargetPlan>,
     pub pools: Vec<PoolReport>,
-    pub services: Vec<ServiceReport>,
+    pub services: Arc<Vec<ServiceReport>>,
     pub unpooled_nodes: Vec<String>,
     pub summary: Summary,
 }
@@ -283,61 +287,21 @@ pub fn plan(
         }
     }
 
-    let mut targets = Vec::new();
-    for (target, scopes) in layout {
-        let pools: BTreeSet<PoolName> = scopes.values().flatten().cloned().collect();
-        let observation = match observations.get(target) {
-            Some(Ok(o)) => o,
-            Some(Err(message)) => {
-                targets.push(errored(
-                    target,
-                    pools,
-                    PlanError::Observe {
-                        message: message.clone(),
-                    },
-                ));
-                continue;
-            }
-            None => {
-                let message = "not observed".to_string();
-                targets.push(errored(target, pools, PlanError::Observe { message }));
-                continue;
-            }
-        };
-        let mut want = Vec::new();
-        for (scope, scope_pools) in &scopes {
-            let grant_sets: Vec<&[Grant]> = scope_pools
-                .iter()
-                .filter_map(|p| desired.pools.get(p))
-                .filter(|p| p.managed)
-                .map(|p| p.grants.as_slice())
-                .collect();
-            let merged;
-            let grants: &[Grant] = if grant_sets.len() == 1 {
-                grant_sets[0]
-            } else {
-                merged = merge_grants(grant_sets);
-                &merged
-            };
-            let ctx = RenderContext {
-                cluster: &desired.cluster,
-                target,
-                scope: *scope,
-                pools: scope_pools,
-                limits: &observation.limits,
-                port_merge: desired.port_merge,
-            };
-            want.extend(renderer.render(&ctx, grants));
-        }
-        targets.push(plan_target(
+    // Targets are independent: plan them on all cores. Still pure: no I/O, and the
+    // result does not depend on the number of threads.
+    let jobs: Vec<(&Target, ScopePools<'_>)> = layout.into_iter().collect();
+    let one = |(target, scopes): &(&Target, ScopePools<'_>)| {
+        plan_one(
+            desired,
             target,
-            pools,
-            want,
-            observation,
-            &desired.pinned,
+            scopes,
+            observations.get(*target),
+            renderer,
             &failed_pools,
-        ));
-    }
+        )
+    };
+    let mut targets: Vec<TargetPlan> = crate::parallel::par_map(&jobs, 1, one);
+    targets.sort_by(|a, b| a.target.cmp(&b.target));
 
     let pools = desired
         .pools
@@ -375,10 +339,76 @@ pub fn plan(
         provider: provider.to_string(),
         targets,
         pools,
-        services: desired.services.clone(),
+        services: Arc::clone(&desired.services),
         unpooled_nodes: desired.unpooled_nodes.clone(),
         summary,
     }
+}
+
+/// The pools of one target, by the scope their rules apply to inside it.
+type ScopePools<'a> = BTreeMap<Option<&'a str>, BTreeSet<PoolName>>;
+
+/// Renders and diffs one target.
+fn plan_one(
+    desired: &Desired,
+    target: &Target,
+    scopes: &ScopePools<'_>,
+    observation: Option<&Result<Observation, String>>,
+    renderer: &dyn Render,
+    failed_pools: &BTreeSet<&PoolName>,
+) -> TargetPlan {
+    let pools: BTreeSet<PoolName> = scopes.values().flatten().cloned().collect();
+    let observation = match observation {
+        Some(Ok(o)) => o,
+        Some(Err(message)) => {
+            return errored(
+                target,
+                pools,
+                PlanError::Observe {
+                    message: message.clone(),
+                },
+            );
+        }
+        None => {
+            let message = "not observed".to_string();
+            return errored(target, pools, PlanError::Observe { message });
+        }
+    };
+    let mut want = Vec::new();
+    for (scope, scope_pools) in scopes {
+        let pool_set: PoolSet = scope_pools.iter().cloned().collect();
+        // Pools that share a scope share their grant layers: each layer once.
+        let mut layers: Vec<&Arc<Vec<Grant>>> = Vec::new();
+        for pool in scope_pools
+            .iter()
+            .filter_map(|p| desired.pools.get(p))
+            .filter(|p| p.managed)
+        {
+            for layer in &pool.grants {
+                if !layers.iter().any(|l| Arc::ptr_eq(l, layer)) {
+                    layers.push(layer);
+                }
+            }
+        }
+        let grants: Vec<&Grant> = layers.iter().flat_map(|l| l.iter()).collect();
+        let ctx = RenderContext {
+            cluster: &desired.cluster,
+            target,
+            scope: *scope,
+            pools: &pool_set,
+            limits: &observation.limits,
+            port_merge: desired.port_merge,
+        };
+        want.extend(renderer.render(&ctx, &grants));
+    }
+    plan_target(
+        target,
+        pools,
+        want,
+        observation,
+        &desired.pinned,
+        failed_pools,
+    )
 }
 
 fn errored(target: &Target, pools: BTreeSet<PoolName>, error: PlanError) -> TargetPlan {
@@ -411,7 +441,7 @@ pub fn plan_target(
     pinned_services: &BTreeSet<crate::service::ServiceRef>,
     failed_pools: &BTreeSet<&PoolName>,
 ) -> TargetPlan {
-    want.sort();
+    want.sort_unstable_by(|a, b| a.content.cmp(&b.content));
     want.dedup_by(|a, b| a.content == b.content);
     let limits = &observation.limits;
 
@@ -435,7 +465,7 @@ pub fn plan_target(
 
     let mut changes = Vec::new();
     let mut matched = vec![false; owned.len()];
-    let mut pinned_content: HashMap<&RuleContent, usize> = HashMap::new();
+    let mut pinned_content: HashMap<&RuleContent, usize> = HashMap::default();
     let mut pinned_names: BTreeSet<&str> = BTreeSet::new();
     for (i, r) in owned.iter().enumerate() {
         if let Some(reason) = pin_reason(r) {
@@ -449,8 +479,8 @@ pub fn plan_target(
             changes.push(c);
         }
     }
-    let mut by_name: HashMap<&str, usize> = HashMap::new();
-    let mut by_content: HashMap<&RuleContent, Vec<usize>> = HashMap::new();
+    let mut by_name: HashMap<&str, usize> = HashMap::default();
+    let mut by_content: HashMap<&RuleContent, Vec<usize>> = HashMap::default();
     for (i, r) in owned.iter().enumerate() {
         if matched[i] {
             continue;
@@ -465,15 +495,13 @@ pub fn plan_target(
 
     for mut rule in want {
         // A named rule is the same rule as the observed one of that name.
-        if let Some(i) = rule.name.as_deref().and_then(|n| by_name.get(n)).copied() {
-            if !matched[i] {
-                let old = owned[i];
-                if old.rule.content == rule.content || limits.updates_in_place {
-                    matched[i] = true;
-                    changes.push(same_or_update(rule, old));
-                    continue;
-                }
-            }
+        if let Some(i) = rule.name.as_deref().and_then(|n| by_name.get(n)).copied()
+            && !matched[i]
+            && (owned[i].rule.content == rule.content || limits.updates_in_place)
+        {
+            matched[i] = true;
+            changes.push(same_or_update(rule, owned[i]));
+            continue;
         }
         // Otherwise a rule with the same content is the same rule.
         if let Some(i) = by_content
@@ -499,12 +527,12 @@ pub fn plan_target(
             changes.push(c);
             continue;
         }
-        if let Some(name) = rule.name.clone() {
-            if pinned_names.contains(name.as_str()) || by_name.contains_key(name.as_str()) {
-                // The name is held by a kept rule (or by one that cannot be updated in
-                // place): add under a derived name rather than touch it.
-                rule.name = Some(format!("{name}-n"));
-            }
+        if let Some(name) = rule.name.clone()
+            && (pinned_names.contains(name.as_str()) || by_name.contains_key(name.as_str()))
+        {
+            // The name is held by a kept rule (or by one that cannot be updated in place):
+            // add under a derived name rather than touch it.
+            rule.name = Some(format!("{name}-n"));
         }
         changes.push(change(Action::Add, rule, None));
     }
@@ -513,14 +541,21 @@ pub fn plan_target(
             changes.push(change(Action::Remove, r.rule.clone(), r.id.clone()));
         }
     }
-    changes.sort_by(|a, b| {
-        (a.action, &a.rule.content, &a.rule.name).cmp(&(b.action, &b.rule.content, &b.rule.name))
-    });
-    changes.sort_by_key(|c| match c.action {
-        Action::Remove => 0,
+    // Removes, updates, adds, then the rest; each group by content. One sort: changes are
+    // large to move.
+    let rank = |a: Action| match a {
+        Action::Remove => 0u8,
         Action::Update => 1,
         Action::Add => 2,
-        _ => 3,
+        other => 3 + other as u8,
+    };
+    changes.sort_unstable_by(|a, b| {
+        (rank(a.action), &a.rule.content, &a.rule.name, &a.id).cmp(&(
+            rank(b.action),
+            &b.rule.content,
+            &b.rule.name,
+            &b.id,
+        ))
     });
 
     // Limits, counted on the state after the plan.

@@ -1,7 +1,7 @@
 //! Provider-neutral rules, the limits a target imposes on them, and the generic renderer
 //! that turns grants into rules under those limits.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -12,9 +12,9 @@ use sha2::{Digest, Sha256};
 use crate::config::PortMerge;
 use crate::desired::{Grant, PortGrant};
 use crate::net::IpFamily;
-use crate::node::PoolName;
 use crate::plan::Target;
 use crate::service::ServiceRef;
+use crate::set::{PoolSet, ServiceSet};
 
 /// A transport protocol a Service port can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -118,10 +118,10 @@ pub struct Rule {
     pub content: RuleContent,
     /// The Services this rule serves, as recorded in its ownership marker.
     #[serde(default)]
-    pub services: BTreeSet<ServiceRef>,
+    pub services: ServiceSet,
     /// The node pools this rule serves.
     #[serde(default)]
-    pub pools: BTreeSet<PoolName>,
+    pub pools: PoolSet,
 }
 
 impl Rule {
@@ -226,14 +226,14 @@ pub struct RenderContext<'a> {
     pub cluster: &'a str,
     pub target: &'a Target,
     pub scope: Option<&'a str>,
-    pub pools: &'a BTreeSet<PoolName>,
+    pub pools: &'a PoolSet,
     pub limits: &'a Limits,
     pub port_merge: PortMerge,
 }
 
 /// Turns provider-neutral grants into a provider's rules. Pure: renderers do no I/O.
 pub trait Render: Send + Sync {
-    fn render(&self, ctx: &RenderContext<'_>, grants: &[Grant]) -> Vec<Rule>;
+    fn render(&self, ctx: &RenderContext<'_>, grants: &[&Grant]) -> Vec<Rule>;
 }
 
 /// The parts a rule name is built from, so that names are stable while ports change.
@@ -241,7 +241,7 @@ pub trait Render: Send + Sync {
 pub struct NameParts<'a> {
     pub cluster: &'a str,
     pub scope: Option<&'a str>,
-    pub pools: &'a BTreeSet<PoolName>,
+    pub pools: &'a PoolSet,
     pub protocol: Protocol,
     pub family: IpFamily,
     /// All sources of the group the rule was cut from (not only the rule's own), so that
@@ -253,21 +253,45 @@ pub struct NameParts<'a> {
 }
 
 impl NameParts<'_> {
-    /// A short, stable hash of everything but the ports: 10 hex characters.
+    /// A short, stable hash of everything but the ports: 10 hex characters. SHA-256, so
+    /// that names stay the same across versions and machines.
     pub fn short_hash(&self) -> String {
         let mut h = Sha256::new();
         h.update(self.cluster.as_bytes());
         h.update([0]);
         h.update(self.scope.unwrap_or("").as_bytes());
         h.update([0]);
-        h.update(join(self.pools).as_bytes());
+        for (i, pool) in self.pools.iter().enumerate() {
+            if i > 0 {
+                h.update(b",");
+            }
+            h.update(pool.as_str().as_bytes());
+        }
         h.update([0]);
         h.update(self.protocol.as_str().as_bytes());
-        h.update(self.family.to_string().as_bytes());
-        h.update(join(self.sources).as_bytes());
+        h.update([match self.family {
+            IpFamily::V4 => 4u8,
+            IpFamily::V6 => 6u8,
+        }]);
+        for (i, net) in self.sources.iter().enumerate() {
+            if i > 0 {
+                h.update(b",");
+            }
+            match net {
+                IpNet::V4(n) => h.update(n.addr().octets()),
+                IpNet::V6(n) => h.update(n.addr().octets()),
+            }
+            h.update([b'/', net.prefix_len()]);
+        }
         h.update(self.chunk.to_le_bytes());
         let digest = h.finalize();
-        digest.iter().take(5).map(|b| format!("{b:02x}")).collect()
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(10);
+        for b in digest.iter().take(5) {
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        out
     }
 }
 
@@ -303,40 +327,36 @@ impl ShapeRenderer {
 }
 
 /// Merges the port grants of one protocol and source set into ranges. Only exactly
-/// contiguous ports are merged, so a range never covers a port nobody asked for.
+/// contiguous ports are merged, so a range never covers a port nobody asked for. Returns
+/// each range with the span of `entries` (sorted by port in place) it was made of.
 pub fn merge_ports(
-    entries: &[PortGrant],
+    entries: &mut [&PortGrant],
     policy: PortMerge,
-) -> Vec<(PortRange, BTreeSet<ServiceRef>)> {
-    let mut sorted: Vec<&PortGrant> = entries.iter().collect();
-    sorted.sort_by_key(|e| e.port);
-    let mut out: Vec<(PortRange, BTreeSet<ServiceRef>)> = Vec::new();
-    for entry in sorted {
-        if let Some((range, services)) = out.last_mut() {
-            if range.to == entry.port {
-                services.extend(entry.services.iter().cloned());
-                continue;
-            }
-            if policy == PortMerge::Contiguous && u32::from(range.to) + 1 == u32::from(entry.port) {
+) -> Vec<(PortRange, std::ops::Range<usize>)> {
+    entries.sort_by_key(|e| e.port);
+    let mut out: Vec<(PortRange, std::ops::Range<usize>)> = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        if let Some((range, span)) = out.last_mut() {
+            let same = range.to == entry.port;
+            let next =
+                policy == PortMerge::Contiguous && u32::from(range.to) + 1 == u32::from(entry.port);
+            if same || next {
                 range.to = entry.port;
-                services.extend(entry.services.iter().cloned());
+                span.end = i + 1;
                 continue;
             }
         }
-        out.push((
-            PortRange::single(entry.port),
-            entry.services.iter().cloned().collect(),
-        ));
+        out.push((PortRange::single(entry.port), i..i + 1));
     }
     out
 }
 
 impl Render for ShapeRenderer {
-    fn render(&self, ctx: &RenderContext<'_>, grants: &[Grant]) -> Vec<Rule> {
+    fn render(&self, ctx: &RenderContext<'_>, grants: &[&Grant]) -> Vec<Rule> {
         // Group by (protocol, family, sources of that family): two Services whose IPv4
         // allowlists are equal share IPv4 rules even when their IPv6 allowlists differ. Each
         // port still reaches exactly its own Service's sources.
-        let mut groups: BTreeMap<(Protocol, IpFamily, Vec<IpNet>), Vec<PortGrant>> =
+        let mut groups: BTreeMap<(Protocol, IpFamily, Vec<IpNet>), Vec<&PortGrant>> =
             BTreeMap::new();
         for grant in grants {
             for family in [IpFamily::V4, IpFamily::V6] {
@@ -347,21 +367,27 @@ impl Render for ShapeRenderer {
                 groups
                     .entry((grant.protocol, family, sources))
                     .or_default()
-                    .extend(grant.ports.iter().cloned());
+                    .extend(grant.ports.iter());
             }
         }
         let mut rules = Vec::new();
         let max_ports = ctx.limits.max_ports_per_rule.max(1);
         let max_sources = ctx.limits.max_sources_per_rule.max(1);
-        for ((protocol, family, sources), ports) in groups {
-            let ranges = merge_ports(&ports, ctx.port_merge);
+        let mut ranked: Vec<(u32, &ServiceRef)> = Vec::new();
+        for ((protocol, family, sources), mut ports) in groups {
+            let ranges = merge_ports(&mut ports, ctx.port_merge);
             let mut chunk = 0;
             for source_chunk in sources.chunks(max_sources) {
                 for port_chunk in ranges.chunks(max_ports) {
-                    let services: BTreeSet<ServiceRef> = port_chunk
-                        .iter()
-                        .flat_map(|(_, s)| s.iter().cloned())
-                        .collect();
+                    // Ranks are the Services' order: sorting integers, not names.
+                    ranked.clear();
+                    ranked.extend(port_chunk.iter().flat_map(|(_, span)| {
+                        ports[span.clone()].iter().map(|p| (p.rank, &p.service))
+                    }));
+                    ranked.sort_unstable_by_key(|(rank, _)| *rank);
+                    ranked.dedup_by_key(|(rank, _)| *rank);
+                    let services =
+                        ServiceSet::from_sorted(ranked.iter().map(|(_, s)| (*s).clone()).collect());
                     let name = self.namer.as_ref().map(|namer| {
                         namer(&NameParts {
                             cluster: ctx.cluster,
@@ -389,7 +415,7 @@ impl Render for ShapeRenderer {
                 }
             }
         }
-        rules.sort();
+        rules.sort_unstable_by(|a, b| a.content.cmp(&b.content));
         rules
     }
 }
@@ -401,7 +427,8 @@ mod tests {
     fn pg(port: u16, svc: &str) -> PortGrant {
         PortGrant {
             port,
-            services: vec![ServiceRef::new("default", svc)].into(),
+            rank: 0,
+            service: ServiceRef::new("default", svc),
         }
     }
 
@@ -425,7 +452,8 @@ mod tests {
         ];
         for (ports, policy, want) in cases {
             let entries: Vec<PortGrant> = ports.iter().map(|p| pg(*p, "a")).collect();
-            let got: Vec<String> = merge_ports(&entries, *policy)
+            let mut refs: Vec<&PortGrant> = entries.iter().collect();
+            let got: Vec<String> = merge_ports(&mut refs, *policy)
                 .iter()
                 .map(|(r, _)| r.to_string())
                 .collect();

@@ -11,25 +11,79 @@ use crate::annotations::ANNOTATION_PREFIX;
 use crate::{Error, Result};
 
 /// `namespace/name` of a Service.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+///
+/// One shared string: a reference is cloned into every grant and rule that serves the
+/// Service, and compared whenever rules are compared, so cloning is one atomic increment
+/// and equality of clones is a pointer comparison.
+#[derive(Clone)]
 pub struct ServiceRef {
-    // `Arc<str>`: a reference is cloned into every grant and rule that serves the Service.
-    pub namespace: Arc<str>,
-    pub name: Arc<str>,
+    full: Arc<str>,
+    /// Byte index of the `/` in `full`.
+    split: usize,
 }
 
 impl ServiceRef {
     pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
+        let namespace = namespace.as_ref();
         ServiceRef {
-            namespace: Arc::from(namespace.as_ref()),
-            name: Arc::from(name.as_ref()),
+            full: Arc::from(format!("{namespace}/{}", name.as_ref())),
+            split: namespace.len(),
         }
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.full.get(..self.split).unwrap_or_default()
+    }
+
+    pub fn name(&self) -> &str {
+        self.full.get(self.split + 1..).unwrap_or_default()
+    }
+
+    /// `namespace/name`.
+    pub fn as_str(&self) -> &str {
+        &self.full
+    }
+}
+
+impl PartialEq for ServiceRef {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.full, &other.full) || self.full == other.full
+    }
+}
+
+impl Eq for ServiceRef {}
+
+impl std::hash::Hash for ServiceRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.full.hash(state);
+    }
+}
+
+/// Ordered by the bytes of `namespace/name`: one comparison instead of two.
+impl Ord for ServiceRef {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        if Arc::ptr_eq(&self.full, &other.full) {
+            return std::cmp::Ordering::Equal;
+        }
+        self.full.as_bytes().cmp(other.full.as_bytes())
+    }
+}
+
+impl PartialOrd for ServiceRef {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Debug for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ServiceRef({})", self.full)
     }
 }
 
 impl fmt::Display for ServiceRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        f.write_str(&self.full)
     }
 }
 

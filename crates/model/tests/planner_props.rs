@@ -1,3 +1,9 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::type_complexity
+)]
 //! Properties of the planner, checked on random clusters, limits and cloud states.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -58,10 +64,10 @@ fn service_strategy(i: usize) -> impl Strategy<Value = ServiceSpec> {
                 1 => s.enabled().with_ranges("not-a-cidr"),
                 _ => s.enabled(),
             };
-            if let Some(r) = ranges {
-                if !r.is_empty() {
-                    s = s.with_ranges(&r.join(","));
-                }
+            if let Some(r) = ranges
+                && !r.is_empty()
+            {
+                s = s.with_ranges(&r.join(","));
             }
             if let Some(p) = pools {
                 s = s.with_annotation("node-pools", &p.join(" "));
@@ -96,8 +102,8 @@ fn rule_strategy() -> impl Strategy<Value = Rule> {
                     }],
                     sources: vec![net.trunc()],
                 },
-                services: BTreeSet::from([ServiceRef::new("ns", "s1")]),
-                pools: BTreeSet::from([PoolName::new("a")]),
+                services: [ServiceRef::new("ns", "s1")].into(),
+                pools: [PoolName::new("a")].into(),
             }
         })
 }
@@ -484,8 +490,8 @@ fn quota_is_checked_per_family_before_any_write() {
                 ports: vec![nodeport_firewall_model::PortRange::single(port)],
                 sources: vec!["172.16.0.0/12".parse().unwrap()],
             },
-            services: BTreeSet::new(),
-            pools: BTreeSet::new(),
+            services: Default::default(),
+            pools: Default::default(),
         };
         cloud.seed(&target, rule, false);
     }

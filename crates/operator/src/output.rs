@@ -185,7 +185,7 @@ pub fn text(plan: &Plan, verbose: bool, style: Style) -> String {
     }
 
     let mut warnings = Vec::new();
-    for s in &plan.services {
+    for s in plan.services.iter() {
         for e in &s.errors {
             warnings.push(style.red(&format!(
                 "{}: {e} (its existing rules are kept as they are)",

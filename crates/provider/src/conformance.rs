@@ -208,8 +208,8 @@ pub async fn foreign_rules_are_untouched(h: &dyn Harness) {
             ports: vec![nodeport_firewall_model::PortRange::single(31999)],
             ..twin.content.clone()
         },
-        services: BTreeSet::new(),
-        pools: BTreeSet::new(),
+        services: Default::default(),
+        pools: Default::default(),
     };
     let unrelated = Rule {
         name: None,
@@ -220,13 +220,13 @@ pub async fn foreign_rules_are_untouched(h: &dyn Harness) {
             ports: vec![nodeport_firewall_model::PortRange { from: 22, to: 22 }],
             sources: vec![ip("198.51.100.0/24")],
         },
-        services: BTreeSet::new(),
-        pools: BTreeSet::new(),
+        services: Default::default(),
+        pools: Default::default(),
     };
     let untagged_twin = Rule {
         name: None,
-        services: BTreeSet::new(),
-        pools: BTreeSet::new(),
+        services: Default::default(),
+        pools: Default::default(),
         ..twin.clone()
     };
     for (owner, rule) in [
