@@ -1076,6 +1076,10 @@ impl Provider for AwsProvider {
         })
     }
 
+    async fn preflight(&self, target: &Target) -> Result<Vec<String>> {
+        Ok(self.check(target).await)
+    }
+
     async fn apply(&self, plan: &TargetPlan) -> Result<ApplyReport> {
         if let Some(e) = &plan.error {
             return Err(invalid(format!("refusing a plan with an error: {e}")));

@@ -47,6 +47,9 @@ pub enum Command {
     Plan(PlanArgs),
     /// Plan, confirm, and apply once (outside the cluster, or in CI).
     Apply(ApplyArgs),
+    /// Permission preflight: which cloud permissions the credentials lack on each target,
+    /// checked without changing anything (EC2 DryRun on AWS). Exit 0: all present, 1: missing.
+    Check(PlanArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -107,6 +110,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Plan(args) => plan(args).await,
         Command::Apply(args) => apply(args).await,
+        Command::Check(args) => check(args).await,
     }
 }
 
@@ -227,4 +231,49 @@ async fn apply(args: ApplyArgs) -> Result<u8> {
     } else {
         EXIT_NO_CHANGES
     })
+}
+
+async fn check(args: PlanArgs) -> Result<u8> {
+    let p = prepare(&args).await?;
+    let mut targets: Vec<_> = p
+        .plan
+        .pools
+        .iter()
+        .flat_map(|pool| pool.targets.iter().map(|t| t.target.clone()))
+        .collect();
+    targets.sort();
+    targets.dedup();
+    let mut failed = false;
+    let mut out = String::new();
+    for pool in p.plan.pools.iter().filter(|pool| pool.error.is_some()) {
+        failed = true;
+        out.push_str(&format!(
+            "pool {}: cannot resolve its target: {}\n",
+            pool.name,
+            pool.error.as_deref().unwrap_or("")
+        ));
+    }
+    for target in &targets {
+        match p.backend.provider().preflight(target).await {
+            Ok(missing) if missing.is_empty() => {
+                out.push_str(&format!("{target}: all permissions present\n"))
+            }
+            Ok(missing) => {
+                failed = true;
+                out.push_str(&format!("{target}: missing permissions:\n"));
+                for m in missing {
+                    out.push_str(&format!("  - {m}\n"));
+                }
+            }
+            Err(e) => {
+                failed = true;
+                out.push_str(&format!("{target}: check failed: {e}\n"));
+            }
+        }
+    }
+    if targets.is_empty() && !failed {
+        out.push_str("no targets to check (no managed pool resolved)\n");
+    }
+    print!("{out}");
+    Ok(if failed { EXIT_ERROR } else { EXIT_NO_CHANGES })
 }

@@ -32,12 +32,14 @@ impl ProviderName {
 #[derive(Debug)]
 pub enum Backend {
     Memory(MemoryProvider),
+    Aws(Box<nodeport_firewall_aws::AwsProvider>),
 }
 
 impl Backend {
     pub fn provider(&self) -> &dyn Provider {
         match self {
             Backend::Memory(p) => p,
+            Backend::Aws(p) => p.as_ref(),
         }
     }
 
@@ -84,6 +86,15 @@ pub async fn build(name: ProviderName, config: &Config, state: Option<&Path>) ->
                 p.load(s).map_err(|e| provider_error("memory", e))?;
             }
             Ok(Backend::Memory(p))
+        }
+        ProviderName::Aws => {
+            let p = nodeport_firewall_aws::AwsProvider::from_config(
+                &config.cluster_name,
+                config.provider_section("aws"),
+            )
+            .await
+            .map_err(|e| provider_error("aws", e))?;
+            Ok(Backend::Aws(Box::new(p)))
         }
         other => Err(provider_error(
             other.as_str(),

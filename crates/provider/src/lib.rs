@@ -66,4 +66,11 @@ pub trait Provider: Send + Sync {
     /// Carries out a target's plan: adds before removes unless the plan says otherwise,
     /// writes batched per target. Must never remove or change a rule it does not own.
     async fn apply(&self, plan: &TargetPlan) -> Result<ApplyReport>;
+
+    /// Permission preflight: the cloud permissions the credentials lack on `target`, by
+    /// name, found without changing anything. Empty when all checks pass or the provider
+    /// has nothing to check.
+    async fn preflight(&self, _target: &Target) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
