@@ -67,6 +67,12 @@ struct Seen {
 type CacheKey = (String, Vec<String>);
 type Tags = Vec<(String, String)>;
 
+#[derive(Debug, Clone, Copy)]
+enum TagOp {
+    Create,
+    Delete,
+}
+
 /// The EC2 security-group provider.
 pub struct AwsProvider {
     cluster: String,
@@ -106,11 +112,7 @@ impl AwsProvider {
         section: Option<&serde_json::Value>,
         credentials: Option<StaticCredentials>,
     ) -> Result<Self> {
-        let config: AwsConfig = match section {
-            None => AwsConfig::default(),
-            Some(v) => serde_json::from_value(v.clone())
-                .map_err(|e| Error::new(ErrorKind::Config, format!("aws: {e}")))?,
-        };
+        let config: AwsConfig = PoolView::section(section, NAME)?;
         if config.rule_quota == 0 || config.max_rules_per_call == 0 {
             return Err(Error::new(
                 ErrorKind::Config,
@@ -402,6 +404,37 @@ impl AwsProvider {
             .unwrap_or_default())
     }
 
+    /// CreateTags or DeleteTags of `tags` on rules `ids`, chunked.
+    async fn retag(&self, op: TagOp, ids: &[String], tags: &[Tag]) -> Result<()> {
+        for chunk in ids.chunks(self.config.max_rules_per_call) {
+            match op {
+                TagOp::Create => {
+                    self.call("CreateTags", || {
+                        self.client
+                            .create_tags()
+                            .set_resources(Some(chunk.to_vec()))
+                            .set_tags(Some(tags.to_vec()))
+                            .send()
+                    })
+                    .await
+                    .map(drop)?;
+                }
+                TagOp::Delete => {
+                    self.call("DeleteTags", || {
+                        self.client
+                            .delete_tags()
+                            .set_resources(Some(chunk.to_vec()))
+                            .set_tags(Some(tags.to_vec()))
+                            .send()
+                    })
+                    .await
+                    .map(drop)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn forget_seen(&self, group: &str) {
         if let Ok(mut s) = self.seen.lock() {
             s.remove(group);
@@ -612,16 +645,7 @@ impl AwsProvider {
                 .iter()
                 .map(|(k, v)| Tag::builder().key(k).value(v).build())
                 .collect();
-            for chunk in ids.chunks(max) {
-                self.call("CreateTags", || {
-                    self.client
-                        .create_tags()
-                        .set_resources(Some(chunk.to_vec()))
-                        .set_tags(Some(tags.clone()))
-                        .send()
-                })
-                .await?;
-            }
+            self.retag(TagOp::Create, ids, &tags).await?;
         }
         for chunk in modify.chunks(max) {
             self.call("ModifySecurityGroupRules", || {
@@ -635,16 +659,7 @@ impl AwsProvider {
         }
         for (keys, ids) in &delete {
             let tags: Vec<Tag> = keys.iter().map(|k| Tag::builder().key(k).build()).collect();
-            for chunk in ids.chunks(max) {
-                self.call("DeleteTags", || {
-                    self.client
-                        .delete_tags()
-                        .set_resources(Some(chunk.to_vec()))
-                        .set_tags(Some(tags.clone()))
-                        .send()
-                })
-                .await?;
-            }
+            self.retag(TagOp::Delete, ids, &tags).await?;
         }
         report.updated += updates.len();
         Ok(())
@@ -934,12 +949,7 @@ impl Provider for AwsProvider {
     }
 
     async fn resolve(&self, pool: PoolView<'_>) -> Result<Vec<PoolTarget>> {
-        let over: AwsPoolConfig = match pool.config {
-            None => AwsPoolConfig::default(),
-            Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
-                Error::new(ErrorKind::Config, format!("pools.{}.aws: {e}", pool.name))
-            })?,
-        };
+        let over: AwsPoolConfig = pool.override_config(NAME)?;
         let to_targets = |groups: &[String]| {
             groups
                 .iter()

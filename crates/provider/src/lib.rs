@@ -33,6 +33,37 @@ pub struct PoolView<'a> {
     pub config: Option<&'a serde_json::Value>,
 }
 
+impl PoolView<'_> {
+    /// This provider's section of the pool's config override, parsed; the default when the
+    /// pool has none. Providers give `T` `deny_unknown_fields`, so a typo is an error.
+    pub fn override_config<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        provider: &str,
+    ) -> Result<T> {
+        match self.config {
+            None => Ok(T::default()),
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("pools.{}.{provider}: {e}", self.name),
+                )
+            }),
+        }
+    }
+
+    /// Reads a provider's top-level config section, with the same rules.
+    pub fn section<T: serde::de::DeserializeOwned + Default>(
+        section: Option<&serde_json::Value>,
+        provider: &str,
+    ) -> Result<T> {
+        match section {
+            None => Ok(T::default()),
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|e| Error::new(ErrorKind::Config, format!("{provider}: {e}"))),
+        }
+    }
+}
+
 /// What an apply did on one target.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "camelCase")]

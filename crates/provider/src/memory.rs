@@ -116,11 +116,7 @@ impl MemoryProvider {
 
     /// Reads the `memory:` section of the operator config.
     pub fn from_config(cluster: &str, section: Option<&serde_json::Value>) -> Result<Self> {
-        let config = match section {
-            None => MemoryConfig::default(),
-            Some(v) => serde_json::from_value(v.clone())
-                .map_err(|e| Error::new(ErrorKind::Config, format!("memory: {e}")))?,
-        };
+        let config: MemoryConfig = PoolView::section(section, NAME)?;
         Ok(Self::new(cluster, config))
     }
 
@@ -187,15 +183,7 @@ impl Provider for MemoryProvider {
 
     async fn resolve(&self, pool: PoolView<'_>) -> Result<Vec<PoolTarget>> {
         self.calls.resolves.fetch_add(1, Ordering::Relaxed);
-        let over: MemoryPoolConfig = match pool.config {
-            None => MemoryPoolConfig::default(),
-            Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
-                Error::new(
-                    ErrorKind::Config,
-                    format!("pools.{}.memory: {e}", pool.name),
-                )
-            })?,
-        };
+        let over: MemoryPoolConfig = pool.override_config(NAME)?;
         let id = over.target.unwrap_or_else(|| pool.name.to_string());
         Ok(vec![PoolTarget {
             target: Target::new(NAME, &id),
