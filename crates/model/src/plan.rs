@@ -331,7 +331,9 @@ pub fn plan(
         summary.satisfied_by_foreign += t.count(Action::SatisfiedByForeign);
         summary.errors += usize::from(t.error.is_some());
     }
-    summary.errors += pools.iter().filter(|p| p.error.is_some()).count();
+    // A pool with no nodes (scaled to zero) may have no target to discover: its rules are
+    // kept, and that is not an error.
+    summary.errors += pools.iter().filter(|p| p.error.is_some() && p.nodes > 0).count();
 
     Plan {
         format_version: PLAN_FORMAT_VERSION,

@@ -542,3 +542,29 @@ fn pool_that_fails_to_resolve_pins_its_rules_on_shared_targets() {
     assert_eq!(t.count(Action::Keep), 1);
     assert_eq!(p.summary.errors, 1, "the failed pool is reported");
 }
+
+#[test]
+fn pool_without_nodes_that_cannot_resolve_keeps_its_rules_without_error() {
+    let s = Scenario {
+        before: vec![],
+        after: vec![],
+        foreign: vec![],
+        garbage: vec![],
+        limits: Limits::default(),
+        named: false,
+        shared_target: false,
+        scoped: false,
+        merge: PortMerge::Contiguous,
+    };
+    let svc = ServiceSpec::nodeport("ns", "s").with_port("", "TCP", 80, 30001).enabled().with_ranges("10.0.0.0/8");
+    let mut config = config(&s);
+    config.pools.insert(PoolName::new("idle"), Default::default());
+    let d = desired(&config, std::slice::from_ref(&svc), &nodes());
+    assert_eq!(d.pools[&PoolName::new("idle")].nodes.len(), 0);
+    let mut res = resolutions(&s);
+    res.insert(PoolName::new("idle"), Err("no nodes to discover a security group from".into()));
+    let p = plan(&d, "memory", &res, &Cloud::default().observe(&s), &renderer(&s));
+    assert_eq!(p.summary.errors, 0, "an idle pool is not an error");
+    let idle = p.pools.iter().find(|r| r.name.as_str() == "idle").unwrap();
+    assert!(idle.error.is_some(), "but it is reported");
+}

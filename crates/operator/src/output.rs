@@ -108,6 +108,17 @@ pub fn text(plan: &Plan, verbose: bool, style: Style) -> String {
         );
         if !pool.managed {
             let _ = writeln!(out, "pool {} ({nodes}): not managed", pool.name);
+        } else if let Some(e) = &pool.error
+            && pool.nodes == 0
+        {
+            let _ = writeln!(
+                out,
+                "{}",
+                style.yellow(&format!(
+                    "pool {} (no nodes): target unknown ({e}); its rules are kept",
+                    pool.name
+                ))
+            );
         } else if let Some(e) = &pool.error {
             let _ = writeln!(
                 out,
