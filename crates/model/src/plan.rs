@@ -323,9 +323,13 @@ pub fn plan(
 
     let mut summary = Summary::default();
     for t in &targets {
-        summary.add += t.count(Action::Add);
-        summary.remove += t.count(Action::Remove);
-        summary.update += t.count(Action::Update);
+        // Writes are counted only where they will happen: a target with a plan error is
+        // refused as a whole.
+        if t.error.is_none() {
+            summary.add += t.count(Action::Add);
+            summary.remove += t.count(Action::Remove);
+            summary.update += t.count(Action::Update);
+        }
         summary.unchanged += t.count(Action::Unchanged);
         summary.keep += t.count(Action::Keep);
         summary.satisfied_by_foreign += t.count(Action::SatisfiedByForeign);
@@ -605,7 +609,8 @@ pub fn plan_target(
                 .iter()
                 .filter(|c| c.action == Action::Add && in_family(&c.rule, fam))
                 .count();
-            if now + adds + theirs > limit {
+            let removes = changes.iter().filter(|c| c.action == Action::Remove && in_family(&c.rule, fam)).count();
+            if now + adds + theirs > limit && removes > 0 {
                 remove_first = true;
             }
         }

@@ -254,11 +254,11 @@ pub fn text(plan: &Plan, verbose: bool, style: Style) -> String {
     if s.update > 0 {
         let _ = write!(closing, "{} to change, ", s.update);
     }
-    let _ = write!(
-        closing,
-        "{} to remove, {} unchanged.",
-        s.remove, s.unchanged
-    );
+    let _ = write!(closing, "{} to remove, {} unchanged", s.remove, s.unchanged);
+    if s.keep > 0 {
+        let _ = write!(closing, ", {} kept", s.keep);
+    }
+    closing.push('.');
     let _ = writeln!(out, "{}", style.bold(&closing));
     if s.errors > 0 {
         let _ = writeln!(

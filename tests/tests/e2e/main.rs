@@ -454,7 +454,7 @@ fn an_invalid_annotation_keeps_the_services_existing_rules() {
     let run = run.stdout_has(&[
         "! infra/dns: nodeport-firewall.io/allowed-source-ranges: \"nope\" is not an IPv4/IPv6 address or CIDR",
         "(its existing rules are kept as they are)",
-        "Plan: 0 to add, 0 to remove, 9 unchanged.",
+        "Plan: 0 to add, 0 to remove, 9 unchanged, 2 kept.",
     ]);
     assert!(run.lines_starting("- ").is_empty(), "{}", run.stdout);
     let json = Cli::new()
