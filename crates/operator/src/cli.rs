@@ -1,4 +1,4 @@
-//! The command line: `plan` and `apply`.
+//! The command line: `plan`, `apply`, `check` and `run`.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -50,6 +50,8 @@ pub enum Command {
     /// Permission preflight: which cloud permissions the credentials lack on each target,
     /// checked without changing anything (EC2 DryRun on AWS). Exit 0: all present, 1: missing.
     Check(PlanArgs),
+    /// The in-cluster controller: watch Services and Nodes, keep every pool's firewall in sync.
+    Run(RunArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -92,6 +94,64 @@ pub struct ApplyArgs {
     pub yes: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The operator config file (YAML).
+    #[arg(long, env = "NPF_CONFIG")]
+    pub config: PathBuf,
+    /// Which cloud to write.
+    #[arg(long, value_enum, default_value_t = ProviderName::Memory, env = "NPF_PROVIDER")]
+    pub provider: ProviderName,
+    /// The in-memory provider's state file (JSON): read at start if it exists.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Plan and report (logs, events, conditions marked as dry run); never write to the cloud.
+    #[arg(long, env = "NPF_DRY_RUN")]
+    pub dry_run: bool,
+    /// Quiet time after a change before reconciling (e.g. `1500ms`, `2s`).
+    #[arg(long, env = "NPF_DEBOUNCE", default_value = "1500ms", value_parser = parse_duration)]
+    pub debounce: std::time::Duration,
+    /// Reconcile this often without changes, re-reading the cloud to repair drift (e.g. `5m`).
+    #[arg(long, env = "NPF_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub resync_interval: std::time::Duration,
+    /// Elect a leader on a coordination.k8s.io Lease; only the leader writes.
+    #[arg(long, env = "NPF_LEADER_ELECTION")]
+    pub leader_election: bool,
+    /// The Lease's name.
+    #[arg(long, env = "NPF_LEASE_NAME", default_value = "nodeport-firewall")]
+    pub lease_name: String,
+    /// The Lease's namespace (default: $POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// How long a Lease is valid without renewal; it is renewed every third of it.
+    #[arg(long, env = "NPF_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: std::time::Duration,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "NPF_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: std::net::SocketAddr,
+}
+
+/// Parses `250ms`, `1.5s`, `5m`, `1h`, or plain seconds.
+pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a duration: {s:?} (use e.g. 1500ms, 2s, 5m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit in {s:?}: use ms, s, m or h")),
+    };
+    std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
 /// Sets up logging on stderr; stdout is for the plan.
 pub fn init_tracing(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
@@ -111,6 +171,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Plan(args) => plan(args).await,
         Command::Apply(args) => apply(args).await,
         Command::Check(args) => check(args).await,
+        Command::Run(args) => run_controller(args).await,
     }
 }
 
@@ -276,4 +337,94 @@ async fn check(args: PlanArgs) -> Result<u8> {
     }
     print!("{out}");
     Ok(if failed { EXIT_ERROR } else { EXIT_NO_CHANGES })
+}
+
+fn identity() -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "nodeport-firewall".to_string())
+}
+
+async fn run_controller(args: RunArgs) -> Result<u8> {
+    use crate::controller::{self, Context, Settings, leader::LeaseConfig};
+    use std::sync::Arc;
+
+    let text = std::fs::read_to_string(&args.config)
+        .map_err(|e| Error::Io(format!("cannot read config {}: {e}", args.config.display())))?;
+    let config = Config::from_yaml(&text).map_err(|source| Error::Config {
+        path: args.config.display().to_string(),
+        source,
+    })?;
+    let backend = Arc::new(providers::build(args.provider, &config, args.state.as_deref()).await?);
+    controller::install_crypto_provider();
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| Error::Io(format!("cannot build a Kubernetes client: {e}")))?;
+    let identity = identity();
+    let lease = if args.leader_election {
+        let namespace = args.lease_namespace.clone().ok_or_else(|| {
+            Error::Usage("--leader-election needs --lease-namespace or $POD_NAMESPACE".into())
+        })?;
+        Some(LeaseConfig {
+            namespace,
+            name: args.lease_name.clone(),
+            identity: identity.clone(),
+            lease_duration: args.lease_duration,
+            renew_period: args.lease_duration / 3,
+        })
+    } else {
+        None
+    };
+    let settings = Settings {
+        debounce: args.debounce,
+        resync: args.resync_interval,
+        dry_run: args.dry_run,
+        identity,
+        lease,
+        http_addr: Some(args.metrics_addr),
+        ..Settings::default()
+    };
+    let provider = Arc::new(controller::backend::Shared(backend.clone()));
+    let ctx = Context::new(client, provider, config, settings);
+    let stats = backend.clone();
+    ctx.metrics.set_cloud_source(
+        args.provider.as_str(),
+        Box::new(move || controller::backend::cloud_calls(&stats).unwrap_or_default()),
+    );
+    controller::run(ctx, shutdown_signal())
+        .await
+        .map_err(Error::Io)?;
+    backend.save_state(args.state.as_deref())?;
+    Ok(EXIT_NO_CHANGES)
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        tracing::info!("shutdown requested");
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

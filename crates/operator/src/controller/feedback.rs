@@ -1,0 +1,471 @@
+//! Feedback on Services: Kubernetes Events and the `NodePortFirewallSynced` condition.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Resource};
+use nodeport_firewall_model::desired::ServiceStatus;
+use nodeport_firewall_model::{Action, Plan, PlanError, ServiceRef, Target};
+use nodeport_firewall_provider::{ApplyOutcome, ErrorKind};
+use serde_json::json;
+use tracing::{debug, warn};
+
+/// The condition this operator sets on Services.
+pub const CONDITION_TYPE: &str = "NodePortFirewallSynced";
+/// The server-side apply field manager.
+pub const FIELD_MANAGER: &str = "nodeport-firewall";
+/// Longest condition message; longer ones are cut with a count of what was left out.
+pub const MAX_MESSAGE: usize = 1000;
+
+/// What a Service's condition says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConditionState {
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+/// An event to report on a Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub warning: bool,
+    pub reason: String,
+    pub note: String,
+}
+
+/// Everything to tell one Service after a reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceFeedback {
+    pub service: ServiceRef,
+    /// None: leave the Service's status alone (never managed).
+    pub condition: Option<ConditionState>,
+    pub events: Vec<Report>,
+}
+
+/// What the reconcile did, as feedback needs it.
+#[derive(Debug)]
+pub struct Outcome<'a> {
+    pub plan: &'a Plan,
+    /// None when nothing was applied (dry run).
+    pub applied: Option<&'a [(Target, ApplyOutcome)]>,
+    pub error_kinds: &'a BTreeMap<Target, ErrorKind>,
+    pub dry_run: bool,
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    let mut cut = max.saturating_sub(20);
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let dropped = s.len() - cut;
+    s.truncate(cut);
+    s.push_str(&format!("… ({dropped} more bytes)"));
+    s
+}
+
+fn list<'a>(items: impl IntoIterator<Item = &'a str>, max_items: usize) -> String {
+    let all: Vec<&str> = items.into_iter().collect();
+    if all.len() <= max_items {
+        return all.join(", ");
+    }
+    format!(
+        "{} and {} more",
+        all[..max_items].join(", "),
+        all.len() - max_items
+    )
+}
+
+fn error_reason(kind: Option<ErrorKind>, plan_error: Option<&PlanError>) -> (&'static str, String) {
+    match (plan_error, kind) {
+        (Some(PlanError::RuleQuota { .. } | PlanError::SourceQuota { .. }), _)
+        | (_, Some(ErrorKind::QuotaExceeded)) => (
+            "QuotaExceeded",
+            "raise the target's rule quota, or open fewer ports or source ranges (nodeport-firewall.io/ports, nodeport-firewall.io/allowed-source-ranges)".into(),
+        ),
+        (_, Some(ErrorKind::PermissionDenied)) => (
+            "PermissionDenied",
+            "grant the operator's cloud identity the permissions that `nodeport-firewall check` lists as missing".into(),
+        ),
+        _ => (
+            "CloudError",
+            "see the operator's logs; the next reconcile retries".into(),
+        ),
+    }
+}
+
+/// Decides, purely, what each Service is told. `had_condition` says which Services carry our
+/// condition already (their status is updated even when they are no longer managed).
+pub fn decide(out: &Outcome<'_>, had_condition: &BTreeSet<ServiceRef>) -> Vec<ServiceFeedback> {
+    let plan = out.plan;
+    let dry = if out.dry_run { "[dry run] " } else { "" };
+    let outcomes: BTreeMap<&Target, &ApplyOutcome> = out
+        .applied
+        .map(|a| a.iter().map(|(t, o)| (t, o)).collect())
+        .unwrap_or_default();
+    let pool_errors: BTreeMap<&str, &str> = plan
+        .pools
+        .iter()
+        .filter_map(|p| p.error.as_deref().map(|e| (p.name.as_str(), e)))
+        .collect();
+    let mut result = Vec::new();
+    for report in plan.services.iter() {
+        let svc = &report.service;
+        match report.status {
+            ServiceStatus::Unmanaged => {
+                if had_condition.contains(svc) {
+                    result.push(ServiceFeedback {
+                        service: svc.clone(),
+                        condition: Some(ConditionState {
+                            status: false,
+                            reason: "NotManaged".into(),
+                            message: truncate(
+                                format!(
+                                    "{dry}not managed: {}",
+                                    report.reason.as_deref().unwrap_or("no reason given")
+                                ),
+                                MAX_MESSAGE,
+                            ),
+                        }),
+                        events: Vec::new(),
+                    });
+                }
+            }
+            ServiceStatus::Invalid => {
+                let errors = report.errors.join("; ");
+                result.push(ServiceFeedback {
+                    service: svc.clone(),
+                    condition: Some(ConditionState {
+                        status: false,
+                        reason: "InvalidAnnotation".into(),
+                        message: truncate(
+                            format!("{dry}{errors}; its existing firewall rules are kept unchanged until the nodeport-firewall.io/ annotations are fixed"),
+                            MAX_MESSAGE,
+                        ),
+                    }),
+                    events: vec![Report {
+                        warning: true,
+                        reason: "InvalidAnnotation".into(),
+                        note: truncate(
+                            format!("{dry}{errors}. Fix the nodeport-firewall.io/ annotations; the existing rules are kept until then."),
+                            MAX_MESSAGE,
+                        ),
+                    }],
+                });
+            }
+            ServiceStatus::Managed => {
+                result.push(managed(out, report, &outcomes, &pool_errors, dry));
+            }
+        }
+    }
+    result
+}
+
+fn managed(
+    out: &Outcome<'_>,
+    report: &nodeport_firewall_model::ServiceReport,
+    outcomes: &BTreeMap<&Target, &ApplyOutcome>,
+    pool_errors: &BTreeMap<&str, &str>,
+    dry: &str,
+) -> ServiceFeedback {
+    let svc = &report.service;
+    let mut events = Vec::new();
+    let mut problems: Vec<(&'static str, String, String)> = Vec::new();
+    let mut targets: BTreeSet<String> = BTreeSet::new();
+    let mut sources: BTreeSet<String> = BTreeSet::new();
+    let mut ports: BTreeSet<String> = BTreeSet::new();
+    let mut pending = 0usize;
+    let mut changed = 0usize;
+    for pool in report.pools.iter() {
+        if let Some(e) = pool_errors.get(pool.as_str()) {
+            problems.push((
+                "PoolUnresolved",
+                format!("pool {pool}: {e}"),
+                "check the pool's target in the operator config or the nodes' providerID".into(),
+            ));
+        }
+    }
+    for tp in &out.plan.targets {
+        if !tp.pools.iter().any(|p| report.pools.contains(p)) {
+            continue;
+        }
+        let mine: Vec<_> = tp
+            .changes
+            .iter()
+            .filter(|c| {
+                c.rule.services.contains(svc)
+                    || c.previous
+                        .as_ref()
+                        .is_some_and(|p| p.services.contains(svc))
+            })
+            .collect();
+        if mine.is_empty() && tp.error.is_none() {
+            continue;
+        }
+        targets.insert(tp.target.to_string());
+        for c in &mine {
+            if c.action != Action::Remove {
+                sources.extend(c.rule.content.sources.iter().map(|s| s.to_string()));
+                ports.insert(format!(
+                    "{} {}",
+                    c.rule.content.protocol,
+                    c.rule.ports_text()
+                ));
+            }
+        }
+        let writes = mine.iter().filter(|c| c.action.is_write()).count();
+        let kind = out.error_kinds.get(&tp.target).copied();
+        if let Some(e) = &tp.error {
+            let (reason, fix) = error_reason(kind, Some(e));
+            problems.push((reason, format!("{}: {e}", tp.target), fix));
+            continue;
+        }
+        match outcomes.get(&tp.target) {
+            Some(ApplyOutcome::Applied { .. }) => changed += writes,
+            Some(ApplyOutcome::Failed { error }) if writes > 0 => {
+                let (reason, fix) = error_reason(kind, None);
+                problems.push((reason, format!("{}: {error}", tp.target), fix));
+            }
+            Some(ApplyOutcome::Refused { error }) if writes > 0 => {
+                let (reason, fix) = error_reason(kind, None);
+                problems.push((reason, format!("{}: {error}", tp.target), fix));
+            }
+            None => pending += writes,
+            _ => {}
+        }
+    }
+    let pools = list(report.pools.iter().map(|p| p.as_str()), 20);
+    let where_ = format!(
+        "pools: {}; targets: {}; ports: {}; sources: {}",
+        if pools.is_empty() { "none" } else { &pools },
+        list(targets.iter().map(String::as_str), 10),
+        list(ports.iter().map(String::as_str), 10),
+        list(sources.iter().map(String::as_str), 20),
+    );
+    for w in &report.warnings {
+        events.push(Report {
+            warning: true,
+            reason: "AnnotationWarning".into(),
+            note: truncate(format!("{dry}{w}"), MAX_MESSAGE),
+        });
+    }
+    let condition = if let Some((reason, _, _)) = problems.first() {
+        let mut msg = String::from(dry);
+        for (_, text, fix) in &problems {
+            msg.push_str(&format!("{text} (fix: {fix}); "));
+        }
+        for (reason, text, fix) in &problems {
+            events.push(Report {
+                warning: true,
+                reason: (*reason).to_string(),
+                note: truncate(format!("{dry}{text}. Fix: {fix}."), MAX_MESSAGE),
+            });
+        }
+        msg.push_str(&where_);
+        ConditionState {
+            status: false,
+            reason: (*reason).to_string(),
+            message: truncate(msg, MAX_MESSAGE),
+        }
+    } else if pending > 0 {
+        events.push(Report {
+            warning: false,
+            reason: "DryRunChangesPending".into(),
+            note: truncate(
+                format!("{dry}{pending} rule change(s) would be written; {where_}"),
+                MAX_MESSAGE,
+            ),
+        });
+        ConditionState {
+            status: false,
+            reason: "DryRunChangesPending".into(),
+            message: truncate(
+                format!("{dry}{pending} rule change(s) pending; {where_}"),
+                MAX_MESSAGE,
+            ),
+        }
+    } else {
+        if changed > 0 {
+            events.push(Report {
+                warning: false,
+                reason: "RulesUpdated".into(),
+                note: truncate(
+                    format!("{changed} rule change(s) written; {where_}"),
+                    MAX_MESSAGE,
+                ),
+            });
+        }
+        ConditionState {
+            status: true,
+            reason: "Synced".into(),
+            message: truncate(format!("{dry}open on {where_}"), MAX_MESSAGE),
+        }
+    };
+    ServiceFeedback {
+        service: svc.clone(),
+        condition: Some(condition),
+        events,
+    }
+}
+
+/// Publishes feedback: events that were not already reported, conditions that changed.
+pub struct Publisher {
+    client: kube::Client,
+    recorder: Recorder,
+    /// Last events reported per Service, to not repeat them on resyncs.
+    reported: BTreeMap<ServiceRef, Vec<Report>>,
+    /// Last condition set per Service (the cache may lag behind our own patch).
+    conditions: BTreeMap<ServiceRef, ConditionState>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("reported", &self.reported.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Our condition on a cached Service, if any.
+pub fn current_condition(svc: &Service) -> Option<(ConditionState, Option<Time>)> {
+    svc.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == CONDITION_TYPE)
+        .map(|c| {
+            (
+                ConditionState {
+                    status: c.status == "True",
+                    reason: c.reason.clone(),
+                    message: c.message.clone(),
+                },
+                Some(c.last_transition_time.clone()),
+            )
+        })
+}
+
+impl Publisher {
+    pub fn new(client: kube::Client, instance: String) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(instance),
+            },
+        );
+        Publisher {
+            client,
+            recorder,
+            reported: BTreeMap::new(),
+            conditions: BTreeMap::new(),
+        }
+    }
+
+    /// Forgets what was reported (on losing leadership: the next leader reports afresh).
+    pub fn reset(&mut self) {
+        self.reported.clear();
+        self.conditions.clear();
+    }
+
+    /// Sends what changed. Returns the number of API writes.
+    pub async fn publish(
+        &mut self,
+        feedback: Vec<ServiceFeedback>,
+        store: &Store<Service>,
+    ) -> usize {
+        let mut writes = 0;
+        let mut seen = BTreeSet::new();
+        for fb in feedback {
+            seen.insert(fb.service.clone());
+            let key = ObjectRef::<Service>::new(fb.service.name()).within(fb.service.namespace());
+            let Some(obj) = store.get(&key) else {
+                continue;
+            };
+            let reference: ObjectReference = obj.object_ref(&());
+            // Events: Normal change events always (they report a write); warnings only when
+            // they differ from what was last reported.
+            let last = self.reported.get(&fb.service).cloned().unwrap_or_default();
+            for ev in &fb.events {
+                if ev.warning && last.contains(ev) {
+                    continue;
+                }
+                if !ev.warning && ev.reason != "RulesUpdated" && last.contains(ev) {
+                    continue;
+                }
+                let event = Event {
+                    type_: if ev.warning {
+                        EventType::Warning
+                    } else {
+                        EventType::Normal
+                    },
+                    reason: ev.reason.clone(),
+                    note: Some(ev.note.clone()),
+                    action: "Reconcile".into(),
+                    secondary: None,
+                };
+                writes += 1;
+                if let Err(e) = self.recorder.publish(&event, &reference).await {
+                    warn!(service = %fb.service, reason = %ev.reason, error = %e, "cannot publish event");
+                }
+            }
+            self.reported.insert(fb.service.clone(), fb.events.clone());
+
+            let Some(want) = fb.condition else {
+                continue;
+            };
+            let current = current_condition(&obj);
+            if current.as_ref().map(|c| &c.0) == Some(&want)
+                || self.conditions.get(&fb.service) == Some(&want)
+            {
+                continue;
+            }
+            let transition = match &current {
+                Some((c, Some(t))) if c.status == want.status => t.clone(),
+                _ => Time(Timestamp::now()),
+            };
+            let patch = json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": { "name": fb.service.name(), "namespace": fb.service.namespace() },
+                "status": { "conditions": [{
+                    "type": CONDITION_TYPE,
+                    "status": if want.status { "True" } else { "False" },
+                    "reason": want.reason,
+                    "message": want.message,
+                    "lastTransitionTime": transition,
+                    "observedGeneration": obj.metadata.generation,
+                }]}
+            });
+            let api: Api<Service> = Api::namespaced(self.client.clone(), fb.service.namespace());
+            writes += 1;
+            match api
+                .patch_status(
+                    fb.service.name(),
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    debug!(service = %fb.service, reason = %want.reason, "condition set");
+                    self.conditions.insert(fb.service.clone(), want);
+                }
+                Err(e) => {
+                    warn!(service = %fb.service, error = %e, "cannot set the condition")
+                }
+            }
+        }
+        self.reported.retain(|k, _| seen.contains(k));
+        self.conditions.retain(|k, _| seen.contains(k));
+        writes
+    }
+}

@@ -1,0 +1,437 @@
+//! The in-cluster controller behind `nodeport-firewall run`.
+//!
+//! Reflectors keep stripped Services and Nodes in memory. Nothing is planned before every
+//! cache has synced. One reconcile loop replans all pools from the full state whenever a
+//! relevant change arrives (debounced and coalesced) and on every resync; the engine applies
+//! each target's plan with exactly one writer per target and bounded concurrency. Only the
+//! leader reconciles; the provider is wrapped so that a write is refused the moment the
+//! lease is lost.
+
+pub mod backend;
+pub mod cache;
+pub mod feedback;
+pub mod gate;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nodeport_firewall_model::{Action, Config, NodeSpec, Plan, ServiceRef, ServiceSpec, desired};
+use nodeport_firewall_provider::engine::{self, ApplyOutcome};
+use nodeport_firewall_provider::{Provider, Target};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use self::cache::Caches;
+use self::feedback::Publisher;
+use self::gate::Gated;
+use self::http::Health;
+use self::leader::{Elector, Leadership, LeaseConfig};
+use self::metrics::{Metrics, PoolLabels, TargetLabels};
+
+/// Selects rustls' `ring` crypto provider for the Kubernetes client. Both `ring` (kube) and
+/// `aws-lc-rs` (the AWS SDK) are linked, so rustls cannot pick one by itself. Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Runtime settings of the controller.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Quiet time after a change before reconciling; further changes restart it, up to
+    /// ten times this long.
+    pub debounce: Duration,
+    /// Reconcile this often even without changes: re-observe the clouds, repair drift.
+    pub resync: Duration,
+    /// Retry this soon after a reconcile that left an error (capped by `resync`).
+    pub retry: Duration,
+    /// Plan and report, never write to a cloud.
+    pub dry_run: bool,
+    /// This instance's name, in events and the Lease.
+    pub identity: String,
+    /// Leader election; None: this instance always writes.
+    pub lease: Option<LeaseConfig>,
+    /// Where to serve /healthz, /readyz and /metrics; None: not served.
+    pub http_addr: Option<SocketAddr>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            debounce: Duration::from_millis(1500),
+            resync: Duration::from_secs(300),
+            retry: Duration::from_secs(30),
+            dry_run: false,
+            identity: "nodeport-firewall".into(),
+            lease: None,
+            http_addr: None,
+        }
+    }
+}
+
+/// What the controller works with.
+pub struct Context {
+    pub client: kube::Client,
+    pub provider: Arc<dyn Provider>,
+    pub config: Arc<Config>,
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("provider", &self.provider.name())
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        provider: Arc<dyn Provider>,
+        config: Config,
+        settings: Settings,
+    ) -> Self {
+        Context {
+            client,
+            provider,
+            config: Arc::new(config),
+            settings,
+            metrics: Arc::new(Metrics::new()),
+            health: Arc::new(Health::default()),
+        }
+    }
+}
+
+/// The inputs of a plan, to skip replanning when a change did not touch them.
+type Inputs = (Vec<ServiceSpec>, Vec<NodeSpec>);
+
+fn inputs(caches: &Caches, config: &Config) -> Inputs {
+    let mut services: Vec<ServiceSpec> = caches
+        .services
+        .state()
+        .iter()
+        .filter_map(|s| ServiceSpec::from_k8s(s).ok())
+        .collect();
+    services.sort_by(|a, b| a.service.cmp(&b.service));
+    let mut nodes: Vec<NodeSpec> = caches
+        .nodes
+        .state()
+        .iter()
+        .filter_map(|n| NodeSpec::from_k8s(n, &config.pool_labels).ok())
+        .collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    (services, nodes)
+}
+
+/// Runs the controller until `shutdown` completes. In-flight applies finish first; then the
+/// Lease is released.
+pub async fn run(ctx: Context, shutdown: impl Future<Output = ()> + Send) -> Result<(), String> {
+    let changed = Arc::new(Notify::new());
+    let (caches, reflectors) = cache::start(
+        ctx.client.clone(),
+        ctx.config.pool_labels.clone(),
+        changed.clone(),
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut background = Vec::new();
+    let leadership = match &ctx.settings.lease {
+        Some(lc) => {
+            let elector = Elector::new(ctx.client.clone(), lc.clone());
+            let l = elector.leadership();
+            background.push(tokio::spawn(elector.run(stop_rx.clone())));
+            l
+        }
+        None => Leadership::always(),
+    };
+    if let Some(addr) = ctx.settings.http_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        info!(addr = %addr, "serving /healthz, /readyz and /metrics");
+        background.push(tokio::spawn(http::serve(
+            listener,
+            ctx.health.clone(),
+            leadership.clone(),
+            ctx.metrics.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    let gated = Arc::new(Gated::new(
+        ctx.provider.clone(),
+        leadership.clone(),
+        ctx.settings.dry_run,
+        ctx.metrics.clone(),
+    ));
+    let mut lp = Loop {
+        ctx: &ctx,
+        caches: &caches,
+        gated,
+        leadership: leadership.clone(),
+        publisher: Publisher::new(ctx.client.clone(), ctx.settings.identity.clone()),
+        last_inputs: None,
+    };
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    let result = async {
+        tokio::select! {
+            r = caches.wait_until_ready() => r?,
+            _ = &mut shutdown => return Ok(()),
+        }
+        ctx.health.synced.store(true, Ordering::SeqCst);
+        info!(
+            services = caches.services.len(),
+            nodes = caches.nodes.len(),
+            "caches synced"
+        );
+        lp.event_loop(&changed, shutdown).await;
+        Ok(())
+    }
+    .await;
+
+    // Stop: the loop is left only between reconciles, so no apply is cut off.
+    let _ = stop_tx.send(true);
+    for task in background {
+        let _ = task.await;
+    }
+    for task in reflectors {
+        task.abort();
+    }
+    info!("controller stopped");
+    result
+}
+
+struct Loop<'a> {
+    ctx: &'a Context,
+    caches: &'a Caches,
+    gated: Arc<Gated>,
+    leadership: Leadership,
+    publisher: Publisher,
+    last_inputs: Option<Inputs>,
+}
+
+impl Loop<'_> {
+    async fn event_loop(
+        &mut self,
+        changed: &Notify,
+        mut shutdown: impl Future<Output = ()> + Unpin,
+    ) {
+        let s = &self.ctx.settings;
+        let mut leader_rx = self.leadership.subscribe();
+        let mut dirty = true;
+        let mut force = true;
+        let mut first_change = Instant::now();
+        let mut deadline = Instant::now();
+        let mut next_resync = Instant::now() + s.resync;
+        loop {
+            let leader = self.leadership.is_leader();
+            self.ctx.metrics.leader.set(i64::from(leader));
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                r = leader_rx.changed() => {
+                    if r.is_err() { continue; }
+                    if *leader_rx.borrow_and_update() {
+                        info!(identity = %s.identity, "leading: full reconcile");
+                        dirty = true;
+                        force = true;
+                        deadline = Instant::now();
+                    } else {
+                        // The next leader reports afresh; so will we, if we lead again.
+                        self.publisher.reset();
+                        self.last_inputs = None;
+                    }
+                }
+                _ = changed.notified() => {
+                    let now = Instant::now();
+                    if !dirty {
+                        dirty = true;
+                        first_change = now;
+                    }
+                    deadline = (now + s.debounce).min(first_change + s.debounce * 10);
+                }
+                _ = tokio::time::sleep_until(deadline), if dirty => {
+                    dirty = false;
+                    if self.leadership.is_leader()
+                        && let Some(retry) = self.reconcile(std::mem::take(&mut force)).await
+                    {
+                        next_resync = next_resync.min(Instant::now() + retry);
+                    }
+                }
+                _ = tokio::time::sleep_until(next_resync) => {
+                    next_resync = Instant::now() + s.resync;
+                    if self.leadership.is_leader() {
+                        info!("periodic resync");
+                        dirty = false;
+                        force = false;
+                        if let Some(retry) = self.reconcile(true).await {
+                            next_resync = next_resync.min(Instant::now() + retry);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One reconcile of every pool from the full state. Returns Some(delay) when it should be
+    /// retried sooner than the next resync.
+    async fn reconcile(&mut self, force: bool) -> Option<Duration> {
+        let ctx = self.ctx;
+        let s = &ctx.settings;
+        let inputs = inputs(self.caches, &ctx.config);
+        if !force && self.last_inputs.as_ref() == Some(&inputs) {
+            return None;
+        }
+        let started = std::time::Instant::now();
+        let d = desired(&ctx.config, &inputs.0, &inputs.1);
+        let plan = engine::plan(self.gated.as_ref(), &ctx.config, &d).await;
+        let applied = if s.dry_run {
+            if plan.has_changes() {
+                info!(
+                    dry_run = true,
+                    add = plan.summary.add,
+                    remove = plan.summary.remove,
+                    update = plan.summary.update,
+                    "plan (dry run, not applied):\n{}",
+                    crate::output::text(&plan, false, crate::output::Style { color: false })
+                );
+            }
+            None
+        } else if plan.has_changes() || plan.has_errors() {
+            Some(engine::apply(self.gated.as_ref(), &plan).await)
+        } else {
+            Some(Vec::new())
+        };
+        let kinds = self.gated.take_errors();
+        let elapsed = started.elapsed().as_secs_f64();
+        let failed = self.record(&plan, applied.as_deref(), elapsed);
+        ctx.health.reconciled.store(true, Ordering::SeqCst);
+
+        if self.leadership.is_leader() {
+            let had: BTreeSet<ServiceRef> = self
+                .caches
+                .services
+                .state()
+                .iter()
+                .filter(|s| feedback::current_condition(s).is_some())
+                .filter_map(|s| ServiceSpec::from_k8s(s).ok().map(|s| s.service))
+                .collect();
+            let out = feedback::Outcome {
+                plan: &plan,
+                applied: applied.as_deref(),
+                error_kinds: &kinds,
+                dry_run: s.dry_run,
+            };
+            let fb = feedback::decide(&out, &had);
+            self.publisher.publish(fb, &self.caches.services).await;
+        }
+        self.last_inputs = Some(inputs);
+        if failed {
+            self.last_inputs = None;
+            Some(s.retry.min(s.resync))
+        } else {
+            None
+        }
+    }
+
+    /// Metrics and logs of one reconcile. True when something failed.
+    fn record(
+        &self,
+        plan: &Plan,
+        applied: Option<&[(Target, ApplyOutcome)]>,
+        elapsed: f64,
+    ) -> bool {
+        let m = &self.ctx.metrics;
+        let provider = plan.provider.clone();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        let mut failed_targets: BTreeSet<&Target> = BTreeSet::new();
+        for tp in &plan.targets {
+            let outcome =
+                applied.and_then(|a| a.iter().find(|(t, _)| *t == tp.target).map(|(_, o)| o));
+            let failed = tp.error.is_some()
+                || matches!(
+                    outcome,
+                    Some(ApplyOutcome::Failed { .. } | ApplyOutcome::Refused { .. })
+                );
+            let labels = TargetLabels {
+                provider: provider.clone(),
+                target: tp.target.id.clone(),
+            };
+            let writes = tp.changes.iter().filter(|c| c.action.is_write()).count();
+            let owned_after = tp
+                .changes
+                .iter()
+                .filter(|c| match c.action {
+                    Action::Add | Action::Update => applied.is_some() && !failed,
+                    Action::Remove => applied.is_none() || failed,
+                    Action::Unchanged | Action::Keep => true,
+                    Action::SatisfiedByForeign => false,
+                })
+                .count();
+            m.rules_managed
+                .get_or_create(&labels)
+                .set(i64::try_from(owned_after).unwrap_or(i64::MAX));
+            let pending = if applied.is_none() || failed {
+                writes
+            } else {
+                0
+            };
+            m.pending_changes
+                .get_or_create(&labels)
+                .set(i64::try_from(pending).unwrap_or(i64::MAX));
+            if failed {
+                failed_targets.insert(&tp.target);
+                warn!(target = %tp.target, error = ?tp.error.as_ref().map(ToString::to_string), outcome = ?outcome, "target not in sync");
+            } else if pending == 0 {
+                m.last_sync.get_or_create(&labels).set(now);
+            }
+        }
+        let mut any_failed = !failed_targets.is_empty();
+        for pool in &plan.pools {
+            if !pool.managed {
+                continue;
+            }
+            let labels = PoolLabels {
+                pool: pool.name.as_str().to_string(),
+                provider: provider.clone(),
+            };
+            m.reconciles.get_or_create(&labels).inc();
+            m.reconcile_duration.get_or_create(&labels).observe(elapsed);
+            let err = pool.error.is_some()
+                || pool
+                    .targets
+                    .iter()
+                    .any(|t| failed_targets.contains(&t.target));
+            if err {
+                any_failed = true;
+                m.reconcile_errors.get_or_create(&labels).inc();
+            }
+        }
+        info!(
+            provider = %provider,
+            pools = plan.pools.len(),
+            targets = plan.targets.len(),
+            add = plan.summary.add,
+            remove = plan.summary.remove,
+            update = plan.summary.update,
+            errors = plan.summary.errors,
+            dry_run = self.ctx.settings.dry_run,
+            seconds = elapsed,
+            "reconciled"
+        );
+        any_failed
+    }
+}
