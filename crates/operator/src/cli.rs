@@ -156,8 +156,10 @@ pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, Strin
 pub fn init_tracing(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match cli.log_format {
         LogFormat::Json => builder.json().try_init(),
@@ -248,6 +250,24 @@ async fn plan(args: PlanArgs) -> Result<u8> {
 async fn apply(args: ApplyArgs) -> Result<u8> {
     let p = prepare(&args.plan).await?;
     print_plan(&p, &args.plan)?;
+    let refused: Vec<_> = p
+        .plan
+        .targets
+        .iter()
+        .filter(|t| t.error.is_some() && t.has_writes())
+        .collect();
+    if !p.plan.has_changes() && !refused.is_empty() {
+        // Changes are pending, but only on targets whose plan has an error: say so.
+        for t in refused {
+            let error = t
+                .error
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            println!("{}: not applied: {error}", t.target);
+        }
+        return Ok(EXIT_ERROR);
+    }
     if !p.plan.has_changes() {
         println!("No changes to apply.");
         return Ok(if p.plan.has_errors() {

@@ -720,13 +720,19 @@ fn an_exceeded_rule_quota_is_a_plan_error_and_apply_writes_nothing() {
     );
     assert_eq!(json["summary"]["errors"], 1);
 
-    // apply shows the same error and exits 1. (With the only target in error it says
-    // "No changes to apply."; with other targets to write, "not applied: ...".)
+    // apply shows the same error, says the target is not applied, and exits 1.
     Cli::new()
         .apply(&[&args[..], &["--yes"]].concat())
         .expect_exit(1)
-        .stdout_has(&["ERROR: rule quota exceeded: 3 rules of ours"])
-        .stdout_lacks(&["memory:web: 3 added", "Apply complete: 3 added"]);
+        .stdout_has(&[
+            "ERROR: rule quota exceeded: 3 rules of ours",
+            "memory:web: not applied: rule quota exceeded",
+        ])
+        .stdout_lacks(&[
+            "memory:web: 3 added",
+            "Apply complete: 3 added",
+            "No changes to apply.",
+        ]);
     if let Some(state) = dir.read("state.json") {
         let state: Value = serde_json::from_str(&state).unwrap();
         let rules: usize = state["targets"]
