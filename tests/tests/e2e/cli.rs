@@ -44,6 +44,14 @@ pub fn binary() -> &'static Path {
             .expect("the test executable is in target/<profile>/deps")
             .to_path_buf();
         let target_dir = profile_dir.parent().expect("target/<profile> has a parent");
+        let bin = profile_dir.join(format!("nodeport-firewall{}", std::env::consts::EXE_SUFFIX));
+        // `cargo test --workspace` has already built the binary (the operator package has
+        // integration tests, so cargo links its bin) with the workspace's feature set. A
+        // nested `cargo build -p nodeport-firewall` would resolve features differently and
+        // rebuild the SDKs, so use the binary when it is newer than every source.
+        if is_fresh(&bin) {
+            return bin;
+        }
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args([
             "build",
@@ -74,10 +82,44 @@ pub fn binary() -> &'static Path {
             status.success(),
             "building nodeport-firewall failed ({status}): {cmd:?}"
         );
-        let bin = profile_dir.join(format!("nodeport-firewall{}", std::env::consts::EXE_SUFFIX));
         assert!(bin.is_file(), "{} was not built", bin.display());
         bin
     })
+}
+
+/// Whether `bin` exists and is newer than every Rust source, manifest and the lock file of
+/// the workspace (what make would call up to date).
+fn is_fresh(bin: &Path) -> bool {
+    fn newest(dir: &Path, newest_seen: &mut std::time::SystemTime) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let name = e.file_name();
+            if path.is_dir() {
+                if name != "target" && name != ".git" {
+                    newest(&path, newest_seen);
+                }
+            } else if (path.extension().is_some_and(|x| x == "rs" || x == "toml")
+                || name == "Cargo.lock")
+                && let Ok(m) = e.metadata().and_then(|m| m.modified())
+            {
+                *newest_seen = (*newest_seen).max(m);
+            }
+        }
+    }
+    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
+        return false;
+    };
+    let mut newest_source = std::time::UNIX_EPOCH;
+    newest(&workspace().join("crates"), &mut newest_source);
+    for file in ["Cargo.toml", "Cargo.lock"] {
+        if let Ok(m) = std::fs::metadata(workspace().join(file)).and_then(|m| m.modified()) {
+            newest_source = newest_source.max(m);
+        }
+    }
+    built >= newest_source
 }
 
 /// One invocation of the binary, being set up.

@@ -4,6 +4,7 @@
 //! Run with `cargo test -p nodeport-firewall-e2e` (or `cargo test --workspace`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod aws;
 mod cli;
 mod manifests;
 
