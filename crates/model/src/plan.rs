@@ -337,7 +337,10 @@ pub fn plan(
     }
     // A pool with no nodes (scaled to zero) may have no target to discover: its rules are
     // kept, and that is not an error.
-    summary.errors += pools.iter().filter(|p| p.error.is_some() && p.nodes > 0).count();
+    summary.errors += pools
+        .iter()
+        .filter(|p| p.error.is_some() && p.nodes > 0)
+        .count();
 
     Plan {
         format_version: PLAN_FORMAT_VERSION,
@@ -609,7 +612,10 @@ pub fn plan_target(
                 .iter()
                 .filter(|c| c.action == Action::Add && in_family(&c.rule, fam))
                 .count();
-            let removes = changes.iter().filter(|c| c.action == Action::Remove && in_family(&c.rule, fam)).count();
+            let removes = changes
+                .iter()
+                .filter(|c| c.action == Action::Remove && in_family(&c.rule, fam))
+                .count();
             if now + adds + theirs > limit && removes > 0 {
                 remove_first = true;
             }

@@ -556,14 +556,28 @@ fn pool_without_nodes_that_cannot_resolve_keeps_its_rules_without_error() {
         scoped: false,
         merge: PortMerge::Contiguous,
     };
-    let svc = ServiceSpec::nodeport("ns", "s").with_port("", "TCP", 80, 30001).enabled().with_ranges("10.0.0.0/8");
+    let svc = ServiceSpec::nodeport("ns", "s")
+        .with_port("", "TCP", 80, 30001)
+        .enabled()
+        .with_ranges("10.0.0.0/8");
     let mut config = config(&s);
-    config.pools.insert(PoolName::new("idle"), Default::default());
+    config
+        .pools
+        .insert(PoolName::new("idle"), Default::default());
     let d = desired(&config, std::slice::from_ref(&svc), &nodes());
     assert_eq!(d.pools[&PoolName::new("idle")].nodes.len(), 0);
     let mut res = resolutions(&s);
-    res.insert(PoolName::new("idle"), Err("no nodes to discover a security group from".into()));
-    let p = plan(&d, "memory", &res, &Cloud::default().observe(&s), &renderer(&s));
+    res.insert(
+        PoolName::new("idle"),
+        Err("no nodes to discover a security group from".into()),
+    );
+    let p = plan(
+        &d,
+        "memory",
+        &res,
+        &Cloud::default().observe(&s),
+        &renderer(&s),
+    );
     assert_eq!(p.summary.errors, 0, "an idle pool is not an error");
     let idle = p.pools.iter().find(|r| r.name.as_str() == "idle").unwrap();
     assert!(idle.error.is_some(), "but it is reported");
