@@ -184,13 +184,18 @@ struct Prepared {
     style: Style,
 }
 
-async fn prepare(args: &PlanArgs) -> Result<Prepared> {
-    let text = std::fs::read_to_string(&args.config)
-        .map_err(|e| Error::Io(format!("cannot read config {}: {e}", args.config.display())))?;
-    let config = Config::from_yaml(&text).map_err(|source| Error::Config {
-        path: args.config.display().to_string(),
+/// Reads and validates the operator config file.
+fn load_config(path: &std::path::Path) -> Result<Config> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Io(format!("cannot read config {}: {e}", path.display())))?;
+    Config::from_yaml(&text).map_err(|source| Error::Config {
+        path: path.display().to_string(),
         source,
-    })?;
+    })
+}
+
+async fn prepare(args: &PlanArgs) -> Result<Prepared> {
+    let config = load_config(&args.config)?;
     let manifests = crate::manifests::load(&args.filenames)?;
     let mut services = Vec::with_capacity(manifests.services.len());
     for s in &manifests.services {
@@ -376,12 +381,7 @@ async fn run_controller(args: RunArgs) -> Result<u8> {
     use crate::controller::{self, Context, Settings, leader::LeaseConfig};
     use std::sync::Arc;
 
-    let text = std::fs::read_to_string(&args.config)
-        .map_err(|e| Error::Io(format!("cannot read config {}: {e}", args.config.display())))?;
-    let config = Config::from_yaml(&text).map_err(|source| Error::Config {
-        path: args.config.display().to_string(),
-        source,
-    })?;
+    let config = load_config(&args.config)?;
     let backend = Arc::new(providers::build(args.provider, &config, args.state.as_deref()).await?);
     controller::install_crypto_provider();
     let client = kube::Client::try_default()
