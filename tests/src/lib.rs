@@ -1,3 +1,7 @@
-//! End-to-end tests of the `nodeport-firewall` binary. This library is empty on purpose:
-//! the tests are the single test binary in `tests/e2e/`, which runs the real binary built
-//! from `crates/operator` (see `tests/e2e/cli.rs` for how it is found and kept fresh).
+//! Test servers that stand in for the real APIs on machines without a cloud or a cluster.
+//!
+//! Each module reproduces the REST semantics that one client depends on (status codes,
+//! long-running operations, conflicts, throttling, limits), so that the real client — kube's,
+//! or a cloud SDK's — is exercised over HTTP. They are used by the end-to-end tests of the
+//! binary in `tests/e2e/` and by the crates' own integration tests.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
