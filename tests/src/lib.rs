@@ -5,3 +5,5 @@
 //! or a cloud SDK's — is exercised over HTTP. They are used by the end-to-end tests of the
 //! binary in `tests/e2e/` and by the crates' own integration tests.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod kube_api;
