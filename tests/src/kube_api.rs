@@ -203,7 +203,9 @@ impl ApiServer {
     /// The stored object, if any.
     pub fn get(&self, kind: &str, key: &str) -> Option<Value> {
         let st = self.state.lock().unwrap();
-        st.objects.get(&(kind.to_string(), key.to_string())).cloned()
+        st.objects
+            .get(&(kind.to_string(), key.to_string()))
+            .cloned()
     }
 
     /// Forgets the watch history up to now: a watch resuming from an older version is
@@ -375,7 +377,12 @@ impl ApiServer {
         }
     }
 
-    fn watch(&self, resource: &str, kind: &str, query: &BTreeMap<String, String>) -> Response<Body> {
+    fn watch(
+        &self,
+        resource: &str,
+        kind: &str,
+        query: &BTreeMap<String, String>,
+    ) -> Response<Body> {
         let from: u64 = query
             .get("resourceVersion")
             .and_then(|v| v.parse().ok())

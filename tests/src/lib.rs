@@ -6,4 +6,6 @@
 //! binary in `tests/e2e/` and by the crates' own integration tests.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod azure_arm;
+pub mod gcp_compute;
 pub mod kube_api;

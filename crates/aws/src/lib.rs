@@ -166,7 +166,7 @@ impl AwsProvider {
             renderer: ShapeRenderer::unnamed(),
             resolutions: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
-            stats: CallStats::default(),
+            stats: CallStats::new(stats::kind),
         })
     }
 

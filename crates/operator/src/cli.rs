@@ -27,9 +27,10 @@ pub const EXIT_CHANGES: u8 = 2;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// Log level or filter (e.g. `info`, `nodeport_firewall=debug`).
-    #[arg(long, global = true, env = "NPF_LOG", default_value = "warn")]
-    pub log_level: String,
+    /// Log level or filter (e.g. `info`, `nodeport_firewall=debug`) [default: `info` for
+    /// `run`, `warn` for the other commands, whose output is the plan].
+    #[arg(long, global = true, env = "NPF_LOG")]
+    pub log_level: Option<String>,
     /// Log format.
     #[arg(long, global = true, env = "NPF_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -154,7 +155,12 @@ pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, Strin
 
 /// Sets up logging on stderr; stdout is for the plan.
 pub fn init_tracing(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+    let default = match cli.command {
+        Command::Run(_) => "info",
+        _ => "warn",
+    };
+    let level = cli.log_level.as_deref().unwrap_or(default);
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()

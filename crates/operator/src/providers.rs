@@ -4,7 +4,7 @@ use std::path::Path;
 
 use nodeport_firewall_model::Config;
 use nodeport_firewall_provider::memory::MemoryState;
-use nodeport_firewall_provider::{Error as ProviderError, ErrorKind, MemoryProvider, Provider};
+use nodeport_firewall_provider::{Error as ProviderError, MemoryProvider, Provider};
 
 use crate::{Error, Result};
 
@@ -33,6 +33,8 @@ impl ProviderName {
 pub enum Backend {
     Memory(MemoryProvider),
     Aws(Box<nodeport_firewall_aws::AwsProvider>),
+    Azure(Box<nodeport_firewall_azure::AzureProvider>),
+    Gcp(Box<nodeport_firewall_gcp::GcpProvider>),
 }
 
 impl Backend {
@@ -40,6 +42,8 @@ impl Backend {
         match self {
             Backend::Memory(p) => p,
             Backend::Aws(p) => p.as_ref(),
+            Backend::Azure(p) => p.as_ref(),
+            Backend::Gcp(p) => p.as_ref(),
         }
     }
 
@@ -96,15 +100,23 @@ pub async fn build(name: ProviderName, config: &Config, state: Option<&Path>) ->
             .map_err(|e| provider_error("aws", e))?;
             Ok(Backend::Aws(Box::new(p)))
         }
-        other => Err(provider_error(
-            other.as_str(),
-            ProviderError::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "the {} provider is not built yet; use --provider memory",
-                    other.as_str()
-                ),
-            ),
-        )),
+        ProviderName::Azure => {
+            let p = nodeport_firewall_azure::AzureProvider::from_config(
+                &config.cluster_name,
+                config.provider_section("azure"),
+            )
+            .await
+            .map_err(|e| provider_error("azure", e))?;
+            Ok(Backend::Azure(Box::new(p)))
+        }
+        ProviderName::Gcp => {
+            let p = nodeport_firewall_gcp::GcpProvider::from_config(
+                &config.cluster_name,
+                config.provider_section("gcp"),
+            )
+            .await
+            .map_err(|e| provider_error("gcp", e))?;
+            Ok(Backend::Gcp(Box::new(p)))
+        }
     }
 }

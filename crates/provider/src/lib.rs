@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod memory;
 pub mod retry;
+pub mod stats;
 
 use async_trait::async_trait;
 pub use nodeport_firewall_model as model;
@@ -23,6 +24,7 @@ pub use engine::{ApplyOutcome, apply, plan};
 pub use error::{Error, ErrorKind, Result};
 pub use memory::MemoryProvider;
 pub use retry::RetryPolicy;
+pub use stats::{CallStats, OpKind, OpStats};
 
 /// A pool as a provider sees it when resolving targets.
 #[derive(Debug, Clone, Copy)]

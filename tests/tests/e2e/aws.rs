@@ -12,15 +12,15 @@ use std::time::{Duration, Instant};
 use crate::cli::{Cli, Scratch, examples};
 
 /// A moto_server on a free loopback port, stopped on drop.
-struct Moto {
+pub struct Moto {
     child: Child,
-    url: String,
+    pub url: String,
 }
 
 impl Moto {
     /// Starts moto, or returns `None` (after saying so) when `NPF_SKIP_MOTO=1` and it is
     /// missing. Without that variable a missing moto_server fails the test.
-    fn start() -> Option<Moto> {
+    pub fn start() -> Option<Moto> {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -54,7 +54,7 @@ impl Moto {
     }
 
     /// Runs a boto3 snippet with `ec2` bound to a client of this moto; returns its stdout.
-    fn python(&self, body: &str) -> String {
+    pub fn python(&self, body: &str) -> String {
         let script = format!(
             "import boto3, json\nec2 = boto3.client('ec2', endpoint_url='{}', region_name='us-east-1', aws_access_key_id='x', aws_secret_access_key='x')\n{body}\n",
             self.url

@@ -5,8 +5,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod aws;
+mod azure;
 mod cli;
+mod deploy;
+mod gcp;
 mod manifests;
+mod run;
 
 use std::path::{Path, PathBuf};
 
@@ -616,14 +620,7 @@ fn bad_inputs_fail_with_a_message_that_names_the_problem() {
         (
             "gcp",
             [demo(&[]), vec!["--provider".into(), "gcp".into()]].concat(),
-            vec!["provider gcp: the gcp provider is not built yet; use --provider memory".into()],
-        ),
-        (
-            "azure",
-            [demo(&[]), vec!["--provider".into(), "azure".into()]].concat(),
-            vec![
-                "provider azure: the azure provider is not built yet; use --provider memory".into(),
-            ],
+            vec!["provider gcp: gcp.project is required".into()],
         ),
         (
             "a state file that is not a state",

@@ -38,20 +38,23 @@ impl Provider for Shared {
 
 /// The cloud SDK's call counts (operation, calls, errors), where the provider keeps them.
 pub fn cloud_calls(backend: &Backend) -> Option<CallSnapshot> {
-    match backend {
-        Backend::Aws(p) => Some(
-            p.stats()
-                .snapshot()
-                .into_iter()
-                .map(|(op, s)| {
-                    (
-                        op,
-                        u64::try_from(s.calls).unwrap_or(u64::MAX),
-                        u64::try_from(s.errors).unwrap_or(u64::MAX),
-                    )
-                })
-                .collect(),
-        ),
-        Backend::Memory(_) => None,
-    }
+    let stats = match backend {
+        Backend::Aws(p) => p.stats(),
+        Backend::Gcp(p) => p.stats(),
+        Backend::Azure(p) => p.stats(),
+        Backend::Memory(_) => return None,
+    };
+    Some(
+        stats
+            .snapshot()
+            .into_iter()
+            .map(|(op, s)| {
+                (
+                    op,
+                    u64::try_from(s.calls).unwrap_or(u64::MAX),
+                    u64::try_from(s.errors).unwrap_or(u64::MAX),
+                )
+            })
+            .collect(),
+    )
 }

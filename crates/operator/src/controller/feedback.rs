@@ -2,6 +2,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use futures::stream::{self, StreamExt};
+
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -353,6 +355,24 @@ pub fn current_condition(svc: &Service) -> Option<(ConditionState, Option<Time>)
         })
 }
 
+/// Events and condition patches in flight at once: a first start with thousands of Services
+/// sets thousands of conditions, and one at a time would take minutes.
+pub const PUBLISH_CONCURRENCY: usize = 16;
+
+/// One write to the Kubernetes API.
+enum Write {
+    Event {
+        service: ServiceRef,
+        event: Box<Event>,
+        reference: Box<ObjectReference>,
+    },
+    Condition {
+        service: ServiceRef,
+        want: ConditionState,
+        patch: serde_json::Value,
+    },
+}
+
 impl Publisher {
     pub fn new(client: kube::Client, instance: String) -> Self {
         let recorder = Recorder::new(
@@ -376,13 +396,16 @@ impl Publisher {
         self.conditions.clear();
     }
 
-    /// Sends what changed. Returns the number of API writes.
+    /// Sends what changed, at most [`PUBLISH_CONCURRENCY`] writes at a time. Before each
+    /// write `keep_going` is asked: it says no once leadership is lost or shutdown begins,
+    /// and the rest is left for the next leader or run. Returns the number of API writes.
     pub async fn publish(
         &mut self,
         feedback: Vec<ServiceFeedback>,
         store: &Store<Service>,
+        keep_going: &(dyn Fn() -> bool + Sync),
     ) -> usize {
-        let mut writes = 0;
+        let mut writes = Vec::new();
         let mut seen = BTreeSet::new();
         for fb in feedback {
             seen.insert(fb.service.clone());
@@ -412,10 +435,11 @@ impl Publisher {
                     action: "Reconcile".into(),
                     secondary: None,
                 };
-                writes += 1;
-                if let Err(e) = self.recorder.publish(&event, &reference).await {
-                    warn!(service = %fb.service, reason = %ev.reason, error = %e, "cannot publish event");
-                }
+                writes.push(Write::Event {
+                    service: fb.service.clone(),
+                    event: Box::new(event),
+                    reference: Box::new(reference.clone()),
+                });
             }
             self.reported.insert(fb.service.clone(), fb.events.clone());
 
@@ -445,27 +469,66 @@ impl Publisher {
                     "observedGeneration": obj.metadata.generation,
                 }]}
             });
-            let api: Api<Service> = Api::namespaced(self.client.clone(), fb.service.namespace());
-            writes += 1;
-            match api
-                .patch_status(
-                    fb.service.name(),
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&patch),
-                )
-                .await
-            {
-                Ok(_) => {
-                    debug!(service = %fb.service, reason = %want.reason, "condition set");
-                    self.conditions.insert(fb.service.clone(), want);
-                }
-                Err(e) => {
-                    warn!(service = %fb.service, error = %e, "cannot set the condition")
-                }
-            }
+            writes.push(Write::Condition {
+                service: fb.service.clone(),
+                want,
+                patch,
+            });
         }
+
+        let count = writes.len();
+        let recorder = &self.recorder;
+        let client = &self.client;
+        let set: Vec<(ServiceRef, ConditionState)> = stream::iter(writes)
+            .map(|w| async move {
+                if !keep_going() {
+                    return None;
+                }
+                match w {
+                    Write::Event {
+                        service,
+                        event,
+                        reference,
+                    } => {
+                        if let Err(e) = recorder.publish(&event, &reference).await {
+                            warn!(service = %service, reason = %event.reason, error = %e, "cannot publish event");
+                        }
+                        None
+                    }
+                    Write::Condition {
+                        service,
+                        want,
+                        patch,
+                    } => {
+                        let api: Api<Service> =
+                            Api::namespaced(client.clone(), service.namespace());
+                        match api
+                            .patch_status(
+                                service.name(),
+                                &PatchParams::apply(FIELD_MANAGER).force(),
+                                &Patch::Apply(&patch),
+                            )
+                            .await
+                        {
+                            Ok(_) => {
+                                debug!(service = %service, reason = %want.reason, "condition set");
+                                Some((service, want))
+                            }
+                            Err(e) => {
+                                warn!(service = %service, error = %e, "cannot set the condition");
+                                None
+                            }
+                        }
+                    }
+                }
+            })
+            .buffer_unordered(PUBLISH_CONCURRENCY)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        self.conditions.extend(set);
         self.reported.retain(|k, _| seen.contains(k));
         self.conditions.retain(|k, _| seen.contains(k));
-        writes
+        count
     }
 }

@@ -136,7 +136,16 @@ fn inputs(caches: &Caches, config: &Config) -> Inputs {
 
 /// Runs the controller until `shutdown` completes. In-flight applies finish first; then the
 /// Lease is released.
-pub async fn run(ctx: Context, shutdown: impl Future<Output = ()> + Send) -> Result<(), String> {
+pub async fn run(
+    ctx: Context,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    // Shutdown as a flag that every part can look at, and wait on, any number of times.
+    let (stopping_tx, stopping) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    });
     let changed = Arc::new(Notify::new());
     let (caches, reflectors) = cache::start(
         ctx.client.clone(),
@@ -180,13 +189,14 @@ pub async fn run(ctx: Context, shutdown: impl Future<Output = ()> + Send) -> Res
         leadership: leadership.clone(),
         publisher: Publisher::new(ctx.client.clone(), ctx.settings.identity.clone()),
         last_inputs: None,
+        stopping: stopping.clone(),
     };
 
-    let mut shutdown = std::pin::pin!(shutdown);
     let result = async {
+        let mut stop = stopping.clone();
         tokio::select! {
             r = caches.wait_until_ready() => r?,
-            _ = &mut shutdown => return Ok(()),
+            _ = stop.wait_for(|s| *s) => return Ok(()),
         }
         ctx.health.synced.store(true, Ordering::SeqCst);
         info!(
@@ -194,7 +204,7 @@ pub async fn run(ctx: Context, shutdown: impl Future<Output = ()> + Send) -> Res
             nodes = caches.nodes.len(),
             "caches synced"
         );
-        lp.event_loop(&changed, shutdown).await;
+        lp.event_loop(&changed).await;
         Ok(())
     }
     .await;
@@ -218,14 +228,13 @@ struct Loop<'a> {
     leadership: Leadership,
     publisher: Publisher,
     last_inputs: Option<Inputs>,
+    /// True once shutdown has begun.
+    stopping: watch::Receiver<bool>,
 }
 
 impl Loop<'_> {
-    async fn event_loop(
-        &mut self,
-        changed: &Notify,
-        mut shutdown: impl Future<Output = ()> + Unpin,
-    ) {
+    async fn event_loop(&mut self, changed: &Notify) {
+        let mut stop = self.stopping.clone();
         let s = &self.ctx.settings;
         let mut leader_rx = self.leadership.subscribe();
         let mut dirty = true;
@@ -238,7 +247,7 @@ impl Loop<'_> {
             self.ctx.metrics.leader.set(i64::from(leader));
             tokio::select! {
                 biased;
-                _ = &mut shutdown => break,
+                _ = stop.wait_for(|s| *s) => break,
                 r = leader_rx.changed() => {
                     if r.is_err() { continue; }
                     if *leader_rx.borrow_and_update() {
@@ -333,7 +342,12 @@ impl Loop<'_> {
                 dry_run: s.dry_run,
             };
             let fb = feedback::decide(&out, &had);
-            self.publisher.publish(fb, &self.caches.services).await;
+            let leadership = &self.leadership;
+            let stopping = &self.stopping;
+            let keep_going = move || leadership.is_leader() && !*stopping.borrow();
+            self.publisher
+                .publish(fb, &self.caches.services, &keep_going)
+                .await;
         }
         self.last_inputs = Some(inputs);
         if failed {

@@ -1,0 +1,1131 @@
+//! A Compute Engine test server: the `firewalls`, `globalOperations` and `instances` REST
+//! resources that the GCP provider uses, over plain HTTP on 127.0.0.1, for the real
+//! `google-cloud-compute-v1` client.
+//!
+//! What it reproduces, with the real API's field names and JSON types (uint64 ids as
+//! decimal strings, `IPProtocol`, `nextPageToken`, the `{"error": {...}}` body):
+//! - insert / patch (JSON merge patch) / delete return a global Operation that goes
+//!   PENDING -> RUNNING -> DONE across polls; an injected failure ends DONE with `error`;
+//! - a duplicate name gives 409 `alreadyExists`; an unknown one 404 `notFound`;
+//! - an invalid name, mixed IPv4/IPv6 source ranges, too many ports or ranges, tags and
+//!   service accounts together, or no target at all give 400 (the real API accepts a rule
+//!   without targets, which then applies to every instance; the server refuses it so that a
+//!   provider bug cannot hide);
+//! - a per-project rule quota gives 403 `quotaExceeded` (`Quota 'FIREWALLS' exceeded`);
+//! - a project can forbid writes (403 `forbidden`), standing in for a Shared VPC host
+//!   project;
+//! - 429 / 5xx can be injected, and a response can be lost after the write was made;
+//! - a `requestId` (a UUID) is honoured: a write repeated with the same id returns the
+//!   first write's Operation and changes nothing;
+//! - `list` pages with `maxResults` / `pageToken` and filters with `field = "value"`
+//!   (and `!=`), conjunctions in parentheses;
+//! - `instances.aggregatedList` and `instances.get` for discovery;
+//! - `firewalls.testIamPermissions` grants every permission asked, less the write ones on
+//!   a project that forbids writes.
+//!
+//! Every request is counted per method and project, for call-count measurements.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Map, Value, json};
+
+const URL: &str = "https://www.googleapis.com/compute/v1/";
+
+type Reply = Response<Full<Bytes>>;
+
+/// A write the server should fail or lose.
+#[derive(Debug, Clone)]
+enum Fault {
+    /// Answer with this HTTP status and no effect.
+    Status(u16),
+    /// Make the write, then answer 503 as if the response was lost.
+    LoseResponse,
+    /// Accept the write, whose Operation then ends DONE with this error code and message
+    /// (and no effect).
+    FailOperation(String, String),
+}
+
+#[derive(Debug, Clone)]
+struct Op {
+    id: u64,
+    name: String,
+    kind: String,
+    target_link: String,
+    target_id: u64,
+    polls: u32,
+    error: Option<(String, String, u16)>,
+}
+
+#[derive(Debug, Default)]
+struct Project {
+    firewalls: BTreeMap<String, Value>,
+    quota: Option<usize>,
+    forbid_writes: bool,
+    operations: HashMap<String, Op>,
+    request_ids: HashMap<String, String>,
+    /// zone -> name -> instance
+    instances: BTreeMap<String, BTreeMap<String, Value>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    projects: BTreeMap<String, Project>,
+    next_id: u64,
+    polls_to_done: u32,
+    max_ports: usize,
+    max_sources: usize,
+    faults: Vec<(String, usize, Fault)>,
+    /// (method, project) -> requests
+    calls: BTreeMap<(String, String), usize>,
+    replayed_request_ids: usize,
+    writes_without_request_id: usize,
+    log: Vec<String>,
+}
+
+impl State {
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        // Large, like real ids, and beyond i64 for some: they must stay strings.
+        9_000_000_000_000_000_000u64.wrapping_add(self.next_id * 7919)
+    }
+
+    fn project(&mut self, p: &str) -> &mut Project {
+        self.projects.entry(p.to_string()).or_default()
+    }
+}
+
+/// The Compute test server, on its own thread; stopped when the process ends.
+#[derive(Clone)]
+pub struct ComputeServer {
+    url: String,
+    state: Arc<Mutex<State>>,
+}
+
+impl std::fmt::Debug for ComputeServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ComputeServer")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+impl ComputeServer {
+    /// Starts a server on 127.0.0.1.
+    pub fn start() -> ComputeServer {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}", std_listener.local_addr().unwrap());
+        let state = Arc::new(Mutex::new(State {
+            polls_to_done: 2,
+            max_ports: 100,
+            max_sources: 256,
+            ..State::default()
+        }));
+        let st = state.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let st = st.clone();
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req| {
+                            let st = st.clone();
+                            async move { Ok::<_, Infallible>(handle(&st, req).await) }
+                        });
+                        let _ = http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            });
+        });
+        ComputeServer { url, state }
+    }
+
+    /// `http://127.0.0.1:PORT`: the provider's `endpoint`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.state.lock().unwrap())
+    }
+
+    /// Adds an instance with network tags and service accounts.
+    pub fn add_instance(
+        &self,
+        project: &str,
+        zone: &str,
+        name: &str,
+        tags: &[&str],
+        service_accounts: &[&str],
+    ) {
+        self.with(|s| {
+            let id = s.id();
+            let inst = json!({
+                "kind": "compute#instance",
+                "id": id.to_string(),
+                "name": name,
+                "zone": format!("{URL}projects/{project}/zones/{zone}"),
+                "status": "RUNNING",
+                "machineType": format!("{URL}projects/{project}/zones/{zone}/machineTypes/e2-standard-4"),
+                "tags": {"items": tags, "fingerprint": "42WmSpB8rSM="},
+                "serviceAccounts": service_accounts.iter().map(|e| json!({
+                    "email": e, "scopes": ["https://www.googleapis.com/auth/cloud-platform"]
+                })).collect::<Vec<_>>(),
+                "networkInterfaces": [{
+                    "kind": "compute#networkInterface",
+                    "name": "nic0",
+                    "network": format!("{URL}projects/{project}/global/networks/default"),
+                    "networkIP": format!("10.128.{}.{}", (id >> 8) & 0xff, id & 0xff),
+                }],
+                "labels": {"goog-k8s-node-pool-name": "unknown"},
+                "creationTimestamp": "2026-01-01T00:00:00.000-08:00",
+                "selfLink": format!("{URL}projects/{project}/zones/{zone}/instances/{name}"),
+            });
+            s.project(project)
+                .instances
+                .entry(zone.to_string())
+                .or_default()
+                .insert(name.to_string(), inst);
+        });
+    }
+
+    /// Writes a rule directly (as another tool would), validated like an insert.
+    pub fn seed_firewall(&self, project: &str, body: Value) -> Result<(), String> {
+        self.with(|s| {
+            let fw = new_firewall(s, project, body).map_err(|(_, m)| m.to_string())?;
+            let name = fw["name"].as_str().unwrap_or_default().to_string();
+            s.project(project).firewalls.insert(name, fw);
+            Ok(())
+        })
+    }
+
+    /// The rules of a project, by name.
+    pub fn firewalls(&self, project: &str) -> BTreeMap<String, Value> {
+        self.with(|s| s.project(project).firewalls.clone())
+    }
+
+    /// A per-project quota on the number of rules (`None`: no quota).
+    pub fn set_quota(&self, project: &str, quota: Option<usize>) {
+        self.with(|s| s.project(project).quota = quota);
+    }
+
+    /// Writes to `project` get 403 `forbidden`, as in a Shared VPC host project.
+    pub fn forbid_writes(&self, project: &str, forbid: bool) {
+        self.with(|s| s.project(project).forbid_writes = forbid);
+    }
+
+    /// Polls an Operation takes to be DONE (default 2: PENDING, RUNNING, DONE).
+    pub fn set_polls_to_done(&self, polls: u32) {
+        self.with(|s| s.polls_to_done = polls);
+    }
+
+    /// The next `times` requests of `method` (`firewalls.insert`, `firewalls.list`, ...)
+    /// get HTTP `status` (429, 500, 503, ...) and have no effect.
+    pub fn fail_next(&self, method: &str, times: usize, status: u16) {
+        self.with(|s| {
+            s.faults
+                .push((method.to_string(), times, Fault::Status(status)))
+        });
+    }
+
+    /// The next `times` writes of `method` are made, but the client gets a 503.
+    pub fn lose_next_responses(&self, method: &str, times: usize) {
+        self.with(|s| {
+            s.faults
+                .push((method.to_string(), times, Fault::LoseResponse))
+        });
+    }
+
+    /// The next write of `method` is accepted, and its Operation ends DONE with `code`.
+    pub fn fail_next_operation(&self, method: &str, code: &str, message: &str) {
+        self.with(|s| {
+            s.faults.push((
+                method.to_string(),
+                1,
+                Fault::FailOperation(code.to_string(), message.to_string()),
+            ))
+        });
+    }
+
+    /// Requests per method (all projects).
+    pub fn calls(&self) -> BTreeMap<String, usize> {
+        self.with(|s| {
+            let mut out = BTreeMap::new();
+            for ((m, _), n) in &s.calls {
+                *out.entry(m.clone()).or_default() += n;
+            }
+            out
+        })
+    }
+
+    /// Requests of one method on one project.
+    pub fn calls_on(&self, method: &str, project: &str) -> usize {
+        self.with(|s| {
+            s.calls
+                .get(&(method.to_string(), project.to_string()))
+                .copied()
+                .unwrap_or(0)
+        })
+    }
+
+    pub fn reset_calls(&self) {
+        self.with(|s| s.calls.clear());
+    }
+
+    /// Writes that repeated an earlier `requestId` and were answered with its Operation.
+    pub fn replayed_request_ids(&self) -> usize {
+        self.with(|s| s.replayed_request_ids)
+    }
+
+    /// Writes sent without a `requestId`.
+    pub fn writes_without_request_id(&self) -> usize {
+        self.with(|s| s.writes_without_request_id)
+    }
+
+    /// Operation statuses as clients saw them, `<operation> <status>`, in order.
+    pub fn log(&self) -> Vec<String> {
+        self.with(|s| s.log.clone())
+    }
+}
+
+fn reply(status: StatusCode, body: &Value, headers: &[(&str, &str)]) -> Reply {
+    let mut b = Response::builder()
+        .status(status)
+        .header("content-type", "application/json; charset=UTF-8");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::from(body.to_string()))).unwrap()
+}
+
+/// The body of a Compute error.
+fn error(status: u16, reason: &str, domain: &str, message: &str) -> (u16, Value) {
+    (
+        status,
+        json!({"error": {
+            "code": status,
+            "message": message,
+            "errors": [{"message": message, "domain": domain, "reason": reason}],
+        }}),
+    )
+}
+
+fn error_reply((status, body): (u16, Value)) -> Reply {
+    let retry_after = if status == 429 {
+        vec![("retry-after", "0")]
+    } else {
+        vec![]
+    };
+    reply(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &body,
+        &retry_after,
+    )
+}
+
+fn status_error(status: u16) -> (u16, Value) {
+    match status {
+        429 => error(
+            429,
+            "rateLimitExceeded",
+            "usageLimits",
+            "Rate Limit Exceeded",
+        ),
+        403 => error(403, "forbidden", "global", "Forbidden"),
+        s if s >= 500 => error(
+            s,
+            "backendError",
+            "global",
+            "The service is currently unavailable.",
+        ),
+        s => error(s, "invalid", "global", "Injected error"),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query(uri: &hyper::Uri) -> HashMap<String, String> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+/// RFC 1035, 1-63 characters.
+pub fn valid_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[b.len() - 1] != b'-'
+}
+
+fn valid_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| {
+            if [8, 13, 18, 23].contains(&i) {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        })
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether a source range is IPv6; `None` when it is not an address or CIDR.
+fn range_is_v6(r: &str) -> Option<bool> {
+    let (addr, len) = r.split_once('/').unwrap_or((r, ""));
+    let v6 = addr.parse::<std::net::IpAddr>().ok()?.is_ipv6();
+    if !len.is_empty() {
+        let n: u8 = len.parse().ok()?;
+        if n > if v6 { 128 } else { 32 } {
+            return None;
+        }
+    }
+    Some(v6)
+}
+
+fn valid_port(p: &str) -> bool {
+    let ok = |x: &str| x.parse::<u16>().is_ok();
+    match p.split_once('-') {
+        Some((a, b)) => ok(a) && ok(b) && a.parse::<u16>().ok() <= b.parse::<u16>().ok(),
+        None => ok(p),
+    }
+}
+
+fn bad(message: String) -> (u16, Value) {
+    error(400, "invalid", "global", &message)
+}
+
+/// Checks a whole rule as the API would; returns it with defaults filled in.
+fn validate(s: &State, mut fw: Value) -> Result<Value, (u16, Value)> {
+    let name = fw["name"].as_str().unwrap_or_default().to_string();
+    if !valid_name(&name) {
+        return Err(bad(format!(
+            "Invalid value for field 'resource.name': '{name}'. Must be a match of regex '(?:[a-z](?:[-a-z0-9]{{0,61}}[a-z0-9])?)'"
+        )));
+    }
+    let direction = fw["direction"].as_str().unwrap_or("INGRESS").to_string();
+    if direction != "INGRESS" && direction != "EGRESS" {
+        return Err(bad(format!(
+            "Invalid value for field 'resource.direction': '{direction}'"
+        )));
+    }
+    fw["direction"] = json!(direction);
+    let priority = fw.get("priority").and_then(Value::as_i64).unwrap_or(1000);
+    if !(0..=65535).contains(&priority) {
+        return Err(bad(format!(
+            "Invalid value for field 'resource.priority': '{priority}'"
+        )));
+    }
+    fw["priority"] = json!(priority);
+    let allowed = fw["allowed"].as_array().cloned().unwrap_or_default();
+    let denied = fw["denied"].as_array().cloned().unwrap_or_default();
+    if allowed.is_empty() == denied.is_empty() {
+        return Err(bad(
+            "Exactly one of 'allowed' or 'denied' must be specified".to_string(),
+        ));
+    }
+    for entry in allowed.iter().chain(denied.iter()) {
+        let proto = entry["IPProtocol"].as_str().unwrap_or_default();
+        if proto.is_empty() {
+            return Err(bad(
+                "Required field 'resource.allowed[0].IPProtocol' not specified".to_string(),
+            ));
+        }
+        let ports = strings(&entry["ports"]);
+        if !ports.is_empty() && !["tcp", "udp", "sctp", "6", "17", "132"].contains(&proto) {
+            return Err(bad(format!("Ports are not allowed for protocol '{proto}'")));
+        }
+        if ports.len() > s.max_ports {
+            return Err(bad(format!(
+                "Invalid value for field 'resource.allowed[0].ports': too many ports ({} > {})",
+                ports.len(),
+                s.max_ports
+            )));
+        }
+        if let Some(p) = ports.iter().find(|p| !valid_port(p)) {
+            return Err(bad(format!(
+                "Invalid value for field 'resource.allowed[0].ports[]': '{p}'"
+            )));
+        }
+    }
+    let mut sources = strings(&fw["sourceRanges"]);
+    let source_tags = strings(&fw["sourceTags"]);
+    let source_sas = strings(&fw["sourceServiceAccounts"]);
+    if direction == "INGRESS"
+        && sources.is_empty()
+        && source_tags.is_empty()
+        && source_sas.is_empty()
+    {
+        // The API's default: from anywhere.
+        sources.push("0.0.0.0/0".to_string());
+        fw["sourceRanges"] = json!(sources);
+    }
+    let mut families = Vec::new();
+    for r in &sources {
+        match range_is_v6(r) {
+            Some(v6) => families.push(v6),
+            None => {
+                return Err(bad(format!(
+                    "Invalid value for field 'resource.sourceRanges[]': '{r}'. Must be a valid IPV4 or IPV6 CIDR."
+                )));
+            }
+        }
+    }
+    if families.iter().any(|f| *f) && families.iter().any(|f| !*f) {
+        return Err(bad(
+            "Invalid value for field 'resource.sourceRanges': IPv4 and IPv6 source ranges cannot be mixed in one firewall rule."
+                .to_string(),
+        ));
+    }
+    if sources.len() > s.max_sources {
+        return Err(bad(format!(
+            "Invalid value for field 'resource.sourceRanges': too many source ranges ({} > {})",
+            sources.len(),
+            s.max_sources
+        )));
+    }
+    let tags = strings(&fw["targetTags"]);
+    let sas = strings(&fw["targetServiceAccounts"]);
+    if !tags.is_empty() && !sas.is_empty() {
+        return Err(bad(
+            "targetTags and targetServiceAccounts cannot be used in the same firewall rule"
+                .to_string(),
+        ));
+    }
+    if tags.is_empty() && sas.is_empty() {
+        return Err(bad(format!(
+            "test server: rule '{name}' has no targetTags or targetServiceAccounts and would apply to every instance of the network; refused"
+        )));
+    }
+    if let Some(t) = tags.iter().find(|t| !valid_name(t)) {
+        return Err(bad(format!(
+            "Invalid value for field 'resource.targetTags[]': '{t}'"
+        )));
+    }
+    if fw["description"].as_str().is_some_and(|d| d.len() > 2048) {
+        return Err(bad(
+            "Invalid value for field 'resource.description': longer than 2048 characters"
+                .to_string(),
+        ));
+    }
+    Ok(fw)
+}
+
+fn network_url(project: &str, network: &str) -> Option<String> {
+    // Accepts a name, `global/networks/N`, `projects/P/global/networks/N`, or a URL.
+    let rest = network.strip_prefix(URL).unwrap_or(network);
+    let parts: Vec<&str> = rest.split('/').collect();
+    match parts.as_slice() {
+        [n] if valid_name(n) => Some(format!("{URL}projects/{project}/global/networks/{n}")),
+        ["global", "networks", n] => Some(format!("{URL}projects/{project}/global/networks/{n}")),
+        ["projects", p, "global", "networks", n] => {
+            Some(format!("{URL}projects/{p}/global/networks/{n}"))
+        }
+        _ => None,
+    }
+}
+
+/// A new rule from an insert body: validated, with output-only fields set.
+fn new_firewall(s: &mut State, project: &str, body: Value) -> Result<Value, (u16, Value)> {
+    let Value::Object(mut m) = body else {
+        return Err(bad("The request body is not a firewall".to_string()));
+    };
+    for k in ["id", "selfLink", "creationTimestamp", "kind"] {
+        m.remove(k);
+    }
+    let network = m
+        .get("network")
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_string();
+    let Some(url) = network_url(project, &network) else {
+        return Err(bad(format!(
+            "Invalid value for field 'resource.network': '{network}'"
+        )));
+    };
+    m.insert("network".into(), json!(url));
+    let fw = validate(s, Value::Object(m))?;
+    let name = fw["name"].as_str().unwrap_or_default().to_string();
+    let mut fw = fw;
+    let id = s.id();
+    fw["kind"] = json!("compute#firewall");
+    fw["id"] = json!(id.to_string());
+    fw["creationTimestamp"] = json!("2026-01-01T00:00:00.000-08:00");
+    fw["selfLink"] = json!(format!("{URL}projects/{project}/global/firewalls/{name}"));
+    if fw.get("disabled").is_none() {
+        fw["disabled"] = json!(false);
+    }
+    fw["logConfig"] = json!({"enable": false});
+    Ok(fw)
+}
+
+fn op_json(project: &str, op: &Op, polls_to_done: u32) -> Value {
+    let status = match op.polls {
+        0 => "PENDING",
+        n if n < polls_to_done => "RUNNING",
+        _ => "DONE",
+    };
+    let mut v = json!({
+        "kind": "compute#operation",
+        "id": op.id.to_string(),
+        "name": op.name,
+        "operationType": op.kind,
+        "targetLink": op.target_link,
+        "targetId": op.target_id.to_string(),
+        "status": status,
+        "user": "nodeport-firewall@test.iam.gserviceaccount.com",
+        "progress": if status == "DONE" { 100 } else { 0 },
+        "insertTime": "2026-01-01T00:00:00.000-08:00",
+        "selfLink": format!("{URL}projects/{project}/global/operations/{}", op.name),
+    });
+    if status != "PENDING" {
+        v["startTime"] = json!("2026-01-01T00:00:00.100-08:00");
+    }
+    if status == "DONE" {
+        v["endTime"] = json!("2026-01-01T00:00:01.000-08:00");
+        if let Some((code, message, http)) = &op.error {
+            v["error"] = json!({"errors": [{"code": code, "message": message}]});
+            v["httpErrorStatusCode"] = json!(http);
+            v["httpErrorMessage"] = json!(if *http == 403 {
+                "FORBIDDEN"
+            } else {
+                "BAD REQUEST"
+            });
+        }
+    }
+    v
+}
+
+/// `field = "value"` or `field != "value"`, alone or as parenthesized conjunctions.
+fn parse_filter(filter: &str) -> Option<Vec<(String, bool, String)>> {
+    let f = filter.trim();
+    if f.is_empty() {
+        return Some(Vec::new());
+    }
+    let exprs: Vec<&str> = if f.starts_with('(') {
+        f.split(')')
+            .map(|p| p.trim().trim_start_matches("AND").trim())
+            .filter(|p| !p.is_empty())
+            .map(|p| p.strip_prefix('(').unwrap_or(p))
+            .collect()
+    } else {
+        vec![f]
+    };
+    let mut out = Vec::new();
+    for e in exprs {
+        let (field, eq, value) = if let Some((a, b)) = e.split_once("!=") {
+            (a, false, b)
+        } else {
+            let (a, b) = e.split_once('=')?;
+            (a, true, b)
+        };
+        let field = field.trim();
+        if field.is_empty() || field.contains(' ') {
+            return None;
+        }
+        let value = value.trim();
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(value);
+        out.push((field.to_string(), eq, value.to_string()));
+    }
+    Some(out)
+}
+
+fn take_fault(s: &mut State, method: &str) -> Option<Fault> {
+    let i = s
+        .faults
+        .iter()
+        .position(|(m, n, _)| m == method && *n > 0)?;
+    s.faults[i].1 -= 1;
+    let f = s.faults[i].2.clone();
+    if s.faults[i].1 == 0 {
+        s.faults.remove(i);
+    }
+    Some(f)
+}
+
+async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Reply {
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let q = query(&uri);
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => return error_reply(bad(format!("Invalid JSON payload received. {e}"))),
+        }
+    };
+    let path = uri.path().to_string();
+    let Some(rest) = path.strip_prefix("/compute/v1/projects/") else {
+        return error_reply(error(404, "notFound", "global", "Not Found"));
+    };
+    let parts: Vec<String> = rest.split('/').map(percent_decode).collect();
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let mut s = state.lock().unwrap();
+    let (op_name, project) = match (method.clone(), parts.as_slice()) {
+        (Method::GET, [p, "global", "firewalls"]) => ("firewalls.list", *p),
+        (Method::POST, [p, "global", "firewalls"]) => ("firewalls.insert", *p),
+        (Method::GET, [p, "global", "firewalls", _]) => ("firewalls.get", *p),
+        (Method::PATCH, [p, "global", "firewalls", _]) => ("firewalls.patch", *p),
+        (Method::DELETE, [p, "global", "firewalls", _]) => ("firewalls.delete", *p),
+        (Method::GET, [p, "global", "operations", _]) => ("globalOperations.get", *p),
+        (Method::POST, [p, "global", "firewalls", _, "testIamPermissions"]) => {
+            ("firewalls.testIamPermissions", *p)
+        }
+        (Method::GET, [p, "aggregated", "instances"]) => ("instances.aggregatedList", *p),
+        (Method::GET, [p, "zones", _, "instances", _]) => ("instances.get", *p),
+        _ => return error_reply(error(404, "notFound", "global", "Not Found")),
+    };
+    let project = project.to_string();
+    *s.calls
+        .entry((op_name.to_string(), project.clone()))
+        .or_default() += 1;
+    let fault = take_fault(&mut s, op_name);
+    if let Some(Fault::Status(code)) = &fault {
+        return error_reply(status_error(*code));
+    }
+    let is_write = matches!(
+        op_name,
+        "firewalls.insert" | "firewalls.patch" | "firewalls.delete"
+    );
+    match (op_name, parts.as_slice()) {
+        ("firewalls.list", _) => {
+            let Some(filter) = parse_filter(q.get("filter").map(String::as_str).unwrap_or(""))
+            else {
+                return error_reply(bad("Invalid list filter expression.".to_string()));
+            };
+            let max = q
+                .get("maxResults")
+                .and_then(|m| m.parse::<usize>().ok())
+                .unwrap_or(500)
+                .clamp(1, 500);
+            let start = q
+                .get("pageToken")
+                .and_then(|t| t.strip_prefix("page-"))
+                .and_then(|t| t.parse::<usize>().ok())
+                .unwrap_or(0);
+            let all: Vec<Value> = s
+                .project(&project)
+                .firewalls
+                .values()
+                .filter(|fw| {
+                    filter.iter().all(|(field, eq, value)| {
+                        let actual = match &fw[field.as_str()] {
+                            Value::String(v) => v.clone(),
+                            Value::Null => String::new(),
+                            other => other.to_string(),
+                        };
+                        (actual == *value) == *eq
+                    })
+                })
+                .cloned()
+                .collect();
+            let page: Vec<Value> = all.iter().skip(start).take(max).cloned().collect();
+            let mut v = json!({
+                "kind": "compute#firewallList",
+                "id": format!("projects/{project}/global/firewalls"),
+                "selfLink": format!("{URL}projects/{project}/global/firewalls"),
+            });
+            if !page.is_empty() {
+                v["items"] = json!(page);
+            }
+            if start + max < all.len() {
+                v["nextPageToken"] = json!(format!("page-{}", start + max));
+            }
+            reply(StatusCode::OK, &v, &[])
+        }
+        ("firewalls.get", [_, _, _, name]) => match s.project(&project).firewalls.get(*name) {
+            Some(fw) => reply(StatusCode::OK, fw, &[]),
+            None => error_reply(not_found(&project, name)),
+        },
+        ("firewalls.testIamPermissions", [_, _, _, name, _]) => {
+            let p = s.project(&project);
+            if !p.firewalls.contains_key(*name) {
+                return error_reply(not_found(&project, name));
+            }
+            let forbid = p.forbid_writes;
+            let granted: Vec<String> = strings(&body["permissions"])
+                .into_iter()
+                .filter(|perm| {
+                    !forbid
+                        || ![
+                            "compute.firewalls.create",
+                            "compute.firewalls.update",
+                            "compute.firewalls.delete",
+                        ]
+                        .contains(&perm.as_str())
+                })
+                .collect();
+            let mut v = json!({});
+            if !granted.is_empty() {
+                v["permissions"] = json!(granted);
+            }
+            reply(StatusCode::OK, &v, &[])
+        }
+        ("globalOperations.get", [_, _, _, name]) => {
+            let polls_to_done = s.polls_to_done;
+            let Some(op) = s.project(&project).operations.get_mut(*name) else {
+                return error_reply(error(
+                    404,
+                    "notFound",
+                    "global",
+                    &format!(
+                        "The resource 'projects/{project}/global/operations/{name}' was not found"
+                    ),
+                ));
+            };
+            op.polls += 1;
+            let op = op.clone();
+            let v = op_json(&project, &op, polls_to_done);
+            let status = v["status"].as_str().unwrap_or_default().to_string();
+            s.log.push(format!("{} {status}", op.name));
+            reply(StatusCode::OK, &v, &[])
+        }
+        ("instances.aggregatedList", _) => {
+            let max = q
+                .get("maxResults")
+                .and_then(|m| m.parse::<usize>().ok())
+                .unwrap_or(500)
+                .clamp(1, 500);
+            let start = q
+                .get("pageToken")
+                .and_then(|t| t.strip_prefix("page-"))
+                .and_then(|t| t.parse::<usize>().ok())
+                .unwrap_or(0);
+            let flat: Vec<(String, Value)> = s
+                .project(&project)
+                .instances
+                .iter()
+                .flat_map(|(z, m)| m.values().map(move |i| (z.clone(), i.clone())))
+                .collect();
+            let mut items = Map::new();
+            for (zone, inst) in flat.iter().skip(start).take(max) {
+                let entry = items
+                    .entry(format!("zones/{zone}"))
+                    .or_insert_with(|| json!({"instances": []}));
+                if let Some(a) = entry["instances"].as_array_mut() {
+                    a.push(inst.clone());
+                }
+            }
+            // Zones without instances come with a warning, as in the real API.
+            items.insert(
+                "zones/antarctica-south1-a".into(),
+                json!({"warning": {
+                    "code": "NO_RESULTS_ON_PAGE",
+                    "message": "There are no results for scope 'zones/antarctica-south1-a' on this page.",
+                    "data": [{"key": "scope", "value": "zones/antarctica-south1-a"}],
+                }}),
+            );
+            let mut v = json!({
+                "kind": "compute#instanceAggregatedList",
+                "id": format!("projects/{project}/aggregated/instances"),
+                "items": items,
+                "selfLink": format!("{URL}projects/{project}/aggregated/instances"),
+            });
+            if start + max < flat.len() {
+                v["nextPageToken"] = json!(format!("page-{}", start + max));
+            }
+            reply(StatusCode::OK, &v, &[])
+        }
+        ("instances.get", [_, _, zone, _, name]) => {
+            match s
+                .project(&project)
+                .instances
+                .get(*zone)
+                .and_then(|m| m.get(*name))
+            {
+                Some(i) => reply(StatusCode::OK, i, &[]),
+                None => error_reply(error(
+                    404,
+                    "notFound",
+                    "global",
+                    &format!(
+                        "The resource 'projects/{project}/zones/{zone}/instances/{name}' was not found"
+                    ),
+                )),
+            }
+        }
+        _ if is_write => {
+            let polls_to_done = s.polls_to_done;
+            let request_id = q.get("requestId").cloned();
+            match &request_id {
+                None => s.writes_without_request_id += 1,
+                Some(id) if !valid_uuid(id) => {
+                    return error_reply(bad(format!(
+                        "Invalid value for field 'requestId': '{id}'. Must be a valid UUID."
+                    )));
+                }
+                Some(id) => {
+                    let replay = s.project(&project).request_ids.get(id).cloned();
+                    if let Some(op_name) = replay {
+                        s.replayed_request_ids += 1;
+                        let op = s.project(&project).operations.get(&op_name).cloned();
+                        if let Some(op) = op {
+                            return reply(
+                                StatusCode::OK,
+                                &op_json(&project, &op, polls_to_done),
+                                &[],
+                            );
+                        }
+                    }
+                }
+            }
+            let result = write(&mut s, op_name, &project, &parts, body, &fault);
+            match result {
+                Ok(op) => {
+                    let v = op_json(&project, &op, polls_to_done);
+                    if let Some(id) = request_id {
+                        s.project(&project).request_ids.insert(id, op.name.clone());
+                    }
+                    s.project(&project).operations.insert(op.name.clone(), op);
+                    if matches!(fault, Some(Fault::LoseResponse)) {
+                        return error_reply(status_error(503));
+                    }
+                    reply(StatusCode::OK, &v, &[])
+                }
+                Err(e) => error_reply(e),
+            }
+        }
+        _ => error_reply(error(404, "notFound", "global", "Not Found")),
+    }
+}
+
+fn not_found(project: &str, name: &str) -> (u16, Value) {
+    error(
+        404,
+        "notFound",
+        "global",
+        &format!("The resource 'projects/{project}/global/firewalls/{name}' was not found"),
+    )
+}
+
+/// Carries out one write; returns its Operation.
+fn write(
+    s: &mut State,
+    method: &str,
+    project: &str,
+    parts: &[&str],
+    body: Value,
+    fault: &Option<Fault>,
+) -> Result<Op, (u16, Value)> {
+    let name = match (method, parts) {
+        ("firewalls.insert", _) => body["name"].as_str().unwrap_or_default().to_string(),
+        (_, [_, _, _, name]) => name.to_string(),
+        _ => String::new(),
+    };
+    if s.project(project).forbid_writes {
+        let perm = match method {
+            "firewalls.insert" => "compute.firewalls.create",
+            "firewalls.patch" => "compute.firewalls.update",
+            _ => "compute.firewalls.delete",
+        };
+        return Err(error(
+            403,
+            "forbidden",
+            "global",
+            &format!(
+                "Required '{perm}' permission for 'projects/{project}/global/firewalls/{name}'"
+            ),
+        ));
+    }
+    let failed_op = match fault {
+        Some(Fault::FailOperation(code, message)) => Some((code.clone(), message.clone())),
+        _ => None,
+    };
+    let target_id;
+    match method {
+        "firewalls.insert" => {
+            let fw = new_firewall(s, project, body)?;
+            if s.project(project).firewalls.contains_key(&name) {
+                return Err(error(
+                    409,
+                    "alreadyExists",
+                    "global",
+                    &format!(
+                        "The resource 'projects/{project}/global/firewalls/{name}' already exists"
+                    ),
+                ));
+            }
+            let p = s.project(project);
+            if let Some(quota) = p.quota
+                && p.firewalls.len() >= quota
+            {
+                return Err(error(
+                    403,
+                    "quotaExceeded",
+                    "usageLimits",
+                    &format!("Quota 'FIREWALLS' exceeded.  Limit: {quota}.0 globally."),
+                ));
+            }
+            target_id = fw["id"].as_str().and_then(|i| i.parse().ok()).unwrap_or(0);
+            if failed_op.is_none() {
+                s.project(project).firewalls.insert(name.clone(), fw);
+            }
+        }
+        "firewalls.patch" => {
+            let Some(old) = s.project(project).firewalls.get(&name).cloned() else {
+                return Err(not_found(project, &name));
+            };
+            let Value::Object(patch) = body else {
+                return Err(bad("The request body is not a firewall".to_string()));
+            };
+            if patch
+                .get("name")
+                .and_then(Value::as_str)
+                .is_some_and(|n| n != name)
+            {
+                return Err(bad(
+                    "The name of a firewall rule cannot be changed".to_string()
+                ));
+            }
+            let mut merged = old.clone();
+            for (k, v) in patch {
+                if ["id", "selfLink", "creationTimestamp", "kind", "network"].contains(&k.as_str())
+                {
+                    continue;
+                }
+                if v.is_null() {
+                    if let Some(o) = merged.as_object_mut() {
+                        o.remove(&k);
+                    }
+                } else {
+                    merged[k.as_str()] = v;
+                }
+            }
+            let merged = validate(s, merged)?;
+            target_id = merged["id"]
+                .as_str()
+                .and_then(|i| i.parse().ok())
+                .unwrap_or(0);
+            if failed_op.is_none() {
+                s.project(project).firewalls.insert(name.clone(), merged);
+            }
+        }
+        _ => {
+            let Some(old) = s.project(project).firewalls.get(&name).cloned() else {
+                return Err(not_found(project, &name));
+            };
+            target_id = old["id"].as_str().and_then(|i| i.parse().ok()).unwrap_or(0);
+            if failed_op.is_none() {
+                s.project(project).firewalls.remove(&name);
+            }
+        }
+    }
+    let id = s.id();
+    let kind = method.trim_start_matches("firewalls.").to_string();
+    Ok(Op {
+        id,
+        name: format!("operation-{id}-{kind}"),
+        kind,
+        target_link: format!("{URL}projects/{project}/global/firewalls/{name}"),
+        target_id,
+        polls: 0,
+        error: failed_op.map(|(code, message)| {
+            let http = if code == "QUOTA_EXCEEDED" { 403 } else { 400 };
+            (code, message, http)
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_parse() {
+        assert_eq!(
+            parse_filter(r#"network = "https://x/n""#),
+            Some(vec![("network".into(), true, "https://x/n".into())])
+        );
+        assert_eq!(
+            parse_filter(r#"(name != "a") (network = "b")"#),
+            Some(vec![
+                ("name".into(), false, "a".into()),
+                ("network".into(), true, "b".into())
+            ])
+        );
+        assert_eq!(parse_filter(""), Some(vec![]));
+        assert_eq!(parse_filter("nonsense"), None);
+    }
+
+    #[test]
+    fn decoding_and_validation_helpers() {
+        assert_eq!(percent_decode("a+%3D+%22b%22"), "a = \"b\"");
+        assert!(valid_uuid("123e4567-e89b-42d3-a456-426614174000"));
+        assert!(!valid_uuid("not-a-uuid"));
+        assert_eq!(range_is_v6("10.0.0.0/8"), Some(false));
+        assert_eq!(range_is_v6("2001:db8::/32"), Some(true));
+        assert_eq!(range_is_v6("10.0.0.0/33"), None);
+        assert!(valid_port("30000-30010"));
+        assert!(!valid_port("30010-30000"));
+    }
+}

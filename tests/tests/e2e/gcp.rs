@@ -1,0 +1,198 @@
+//! The real binary with `--provider gcp` against the Compute test server
+//! (`nodeport_firewall_e2e::gcp_compute`): `plan`, `apply`, then `plan` again shows no
+//! changes; a rule nodeport-firewall does not own is untouched; an ambiguous pool is an
+//! error in the plan; a Shared VPC host project that refuses writes makes `apply` print the
+//! `gcloud` commands a network admin must run.
+//!
+//! The nodes are GKE-style (`cloud.google.com/gke-nodepool`, `gce://` providerIDs); the
+//! Services are the bundled demo's. The binary uses the `endpoint` override and
+//! `credentials: anonymous`.
+
+use std::path::{Path, PathBuf};
+
+use nodeport_firewall_e2e::gcp_compute::ComputeServer;
+use serde_json::json;
+
+use crate::cli::{Cli, Scratch, examples};
+
+const PROJECT: &str = "demo-proj";
+const ZONE: &str = "europe-west1-b";
+const GKE_TAG: &str = "gke-demo-0a1b2c3d-node";
+const DEFAULT_SA: &str = "123-compute@developer.gserviceaccount.com";
+
+/// GKE nodes: web (2, tag `web`), edge (1, tag `edge`), batch (1, its own service
+/// account), gpu (1, unmanaged), each instance registered in the server.
+fn gke_nodes(server: &ComputeServer, dir: &Scratch, edge_tag: &str) -> PathBuf {
+    let nodes = [
+        ("gke-demo-web-1", "web", vec![GKE_TAG, "web"], DEFAULT_SA),
+        ("gke-demo-web-2", "web", vec![GKE_TAG, "web"], DEFAULT_SA),
+        (
+            "gke-demo-edge-1",
+            "edge",
+            vec![GKE_TAG, edge_tag],
+            DEFAULT_SA,
+        ),
+        (
+            "gke-demo-batch-1",
+            "batch",
+            vec![GKE_TAG],
+            "batch-nodes@demo-proj.iam.gserviceaccount.com",
+        ),
+        ("gke-demo-gpu-1", "gpu", vec![GKE_TAG, "gpu"], DEFAULT_SA),
+    ];
+    let mut items = Vec::new();
+    for (name, pool, tags, sa) in &nodes {
+        server.add_instance(PROJECT, ZONE, name, tags, &[sa]);
+        items.push(json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name, "labels": {"cloud.google.com/gke-nodepool": pool}},
+            "spec": {"providerID": format!("gce://{PROJECT}/{ZONE}/{name}")},
+        }));
+    }
+    dir.write(
+        "nodes.json",
+        &json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string(),
+    )
+}
+
+fn config(dir: &Scratch, server: &ComputeServer, project: &str) -> PathBuf {
+    dir.write(
+        "config.yaml",
+        &format!(
+            "clusterName: demo\npools:\n  gpu: {{managed: false}}\ngcp:\n  project: {project}\n  network: default\n  endpoint: {}\n  credentials: anonymous\n  operationPollMillis: 1\n  retry: {{maxAttempts: 4, baseDelayMillis: 1, maxDelayMillis: 10}}\n",
+            server.url()
+        ),
+    )
+}
+
+fn args(nodes: &Path, config: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        "-f".to_string(),
+        nodes.display().to_string(),
+        "-f".to_string(),
+        examples()
+            .join("cluster/services.yaml")
+            .display()
+            .to_string(),
+        "--config".to_string(),
+        config.display().to_string(),
+        "--provider".to_string(),
+        "gcp".to_string(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+#[test]
+fn gcp_plan_apply_plan_against_the_compute_server_leaves_foreign_rules_alone() {
+    let server = ComputeServer::start();
+    let dir = Scratch::new();
+    let nodes = gke_nodes(&server, &dir, "edge");
+    let config = config(&dir, &server, PROJECT);
+    server
+        .seed_firewall(
+            PROJECT,
+            json!({"name": "allow-ssh", "network": "default",
+                   "allowed": [{"IPProtocol": "tcp", "ports": ["22"]}],
+                   "sourceRanges": ["198.51.100.0/24"], "targetTags": ["web"]}),
+        )
+        .unwrap();
+    let ssh = server.firewalls(PROJECT)["allow-ssh"].clone();
+    let target = format!("gcp:{PROJECT}/default");
+
+    let plan = Cli::new()
+        .plan(&args(&nodes, &config, &[]))
+        .expect_exit(2)
+        .stdout_has(&[
+            "nodeport-firewall plan: cluster demo, provider gcp",
+            &format!("pool web (2 nodes) -> {target}"),
+            &format!("pool edge (1 node) -> {target}"),
+            &format!("pool batch (1 node) -> {target}"),
+            "pool gpu (1 node): not managed",
+        ]);
+    let adds = plan.lines_starting("+ ").len();
+    assert!(adds > 0, "{}", plan.stdout);
+    let json_plan = Cli::new()
+        .plan(&args(&nodes, &config, &["-o", "json"]))
+        .expect_exit(2)
+        .json();
+    let scopes: Vec<String> = json_plan["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["targets"][0]["scope"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        scopes,
+        [
+            "sa:batch-nodes@demo-proj.iam.gserviceaccount.com",
+            "tags:edge",
+            "tags:web"
+        ],
+        "{json_plan:#}"
+    );
+
+    Cli::new()
+        .apply(&args(&nodes, &config, &["--yes"]))
+        .expect_exit(0)
+        .stdout_has(&[&format!(
+            "Apply complete: {adds} added, 0 changed, 0 removed."
+        )]);
+    let rules = server.firewalls(PROJECT);
+    let ours: Vec<&String> = rules
+        .keys()
+        .filter(|n| n.starts_with("npf-demo-"))
+        .collect();
+    assert_eq!(ours.len(), adds, "{rules:#?}");
+    // Nothing opened to the cluster-wide tag; every rule has a pool target.
+    for (name, r) in &rules {
+        assert_ne!(r["targetTags"], json!([GKE_TAG]), "{name}");
+        assert!(
+            r["targetTags"].is_array() || r["targetServiceAccounts"].is_array(),
+            "{name}"
+        );
+    }
+    Cli::new()
+        .plan(&args(&nodes, &config, &[]))
+        .expect_exit(0)
+        .stdout_has(&[&format!("Plan: 0 to add, 0 to remove, {adds} unchanged.")]);
+    assert_eq!(server.firewalls(PROJECT)["allow-ssh"], ssh);
+}
+
+#[test]
+fn gcp_ambiguous_pool_is_a_plan_error_and_shared_vpc_403_prints_the_gcloud_commands() {
+    let server = ComputeServer::start();
+    let dir = Scratch::new();
+    // edge's only tag is also on the (unmanaged) gpu node: no distinguishing target.
+    let nodes = gke_nodes(&server, &dir, "gpu");
+    let config = config(&dir, &server, "host-proj");
+    server.forbid_writes("host-proj", true);
+
+    let plan = Cli::new().plan(&args(&nodes, &config, &[])).expect_exit(1);
+    let plan = plan.stdout_has(&[
+        "pool edge (1 node): ERROR pool edge: no target that selects only this pool's instances",
+    ]);
+    assert!(
+        plan.stdout.contains("targetTags: [<tag>]"),
+        "{}",
+        plan.stdout
+    );
+
+    let applied = Cli::new().apply(&args(&nodes, &config, &["--yes"]));
+    let out = format!("{}{}", applied.stdout, applied.stderr);
+    assert_ne!(applied.code, Some(0), "{out}");
+    assert!(
+        out.contains("Required 'compute.firewalls.create' permission"),
+        "{out}"
+    );
+    assert!(
+        out.contains("gcloud compute firewall-rules create npf-demo-web-"),
+        "{out}"
+    );
+    assert!(
+        out.contains("--project=host-proj --network=default --direction=INGRESS"),
+        "{out}"
+    );
+    assert!(server.firewalls("host-proj").is_empty());
+}
