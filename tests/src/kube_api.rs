@@ -236,6 +236,11 @@ impl ApiServer {
         self.state.lock().unwrap().status_patches.clone()
     }
 
+    /// How many status patches were received.
+    pub fn status_patch_count(&self) -> usize {
+        self.state.lock().unwrap().status_patches.len()
+    }
+
     /// How many lists of `resource` ("services", "nodes") were answered.
     pub fn lists(&self, resource: &str) -> usize {
         let st = self.state.lock().unwrap();
