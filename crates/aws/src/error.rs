@@ -47,13 +47,30 @@ where
         SdkError::TimeoutError(_) => {
             Error::new(ErrorKind::Transient, format!("EC2 {op}: timed out"))
         }
-        SdkError::DispatchFailure(d) => Error::new(
-            ErrorKind::Transient,
-            format!(
-                "EC2 {op}: request not delivered: {:?}",
-                d.as_connector_error()
-            ),
-        ),
+        SdkError::DispatchFailure(d) => {
+            // The connector error's Display chain, not its Debug dump: the latter spells out
+            // whole HTTP responses (e.g. of the instance-metadata credential provider).
+            let mut text = String::new();
+            let mut cause: Option<&dyn std::error::Error> =
+                d.as_connector_error().map(|c| c as &dyn std::error::Error);
+            while let Some(e) = cause {
+                let part = e.to_string();
+                if !text.contains(&part) {
+                    if !text.is_empty() {
+                        text.push_str(": ");
+                    }
+                    text.push_str(&part);
+                }
+                cause = e.source();
+            }
+            if text.is_empty() {
+                text.push_str("connection failed");
+            }
+            Error::new(
+                ErrorKind::Transient,
+                format!("EC2 {op}: request not delivered: {text}"),
+            )
+        }
         SdkError::ConstructionFailure(_) => Error::new(
             ErrorKind::Invalid,
             format!("EC2 {op}: cannot build the request: {}", source_text(&err)),
