@@ -1,8 +1,5 @@
 //! The `aws:` section of the operator config and of a pool override.
 
-use std::time::Duration;
-
-use nodeport_firewall_provider::RetryPolicy;
 use serde::{Deserialize, Serialize};
 
 /// The `aws:` section of the operator config.
@@ -43,36 +40,7 @@ impl Default for AwsConfig {
     }
 }
 
-/// Retries of throttled and transient failures (the SDK's own retries are off).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct RetrySettings {
-    /// Attempts in all, the first included.
-    pub max_attempts: u32,
-    pub base_delay_millis: u64,
-    pub max_delay_millis: u64,
-}
-
-impl Default for RetrySettings {
-    fn default() -> Self {
-        let p = RetryPolicy::default();
-        RetrySettings {
-            max_attempts: p.max_attempts,
-            base_delay_millis: u64::try_from(p.base_delay.as_millis()).unwrap_or(200),
-            max_delay_millis: u64::try_from(p.max_delay.as_millis()).unwrap_or(20_000),
-        }
-    }
-}
-
-impl RetrySettings {
-    pub fn policy(&self) -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: self.max_attempts.max(1),
-            base_delay: Duration::from_millis(self.base_delay_millis),
-            max_delay: Duration::from_millis(self.max_delay_millis.max(self.base_delay_millis)),
-        }
-    }
-}
+pub use nodeport_firewall_provider::retry::RetrySettings;
 
 /// The `aws:` section of `pools.<name>`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

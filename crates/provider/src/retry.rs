@@ -4,6 +4,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
 
 /// How a provider retries one call.
@@ -151,5 +153,37 @@ mod tests {
         assert!(p.delay(0, &after) >= Duration::from_secs(3));
         let long = plain.with_retry_after(Duration::from_secs(3600));
         assert_eq!(p.delay(0, &long), p.max_delay);
+    }
+}
+
+/// The `retry:` section of a provider's config: retries of throttled and transient
+/// failures (the SDKs' own retries are off). Turned into a [`RetryPolicy`] by [`Self::policy`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RetrySettings {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    pub base_delay_millis: u64,
+    pub max_delay_millis: u64,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        let p = RetryPolicy::default();
+        RetrySettings {
+            max_attempts: p.max_attempts,
+            base_delay_millis: u64::try_from(p.base_delay.as_millis()).unwrap_or(200),
+            max_delay_millis: u64::try_from(p.max_delay.as_millis()).unwrap_or(20_000),
+        }
+    }
+}
+
+impl RetrySettings {
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts.max(1),
+            base_delay: Duration::from_millis(self.base_delay_millis),
+            max_delay: Duration::from_millis(self.max_delay_millis.max(self.base_delay_millis)),
+        }
     }
 }
