@@ -187,6 +187,8 @@ impl AwsProvider {
             max_ports_per_rule: 1,
             max_sources_per_rule: 1,
             max_total_sources: None,
+            max_total_destinations: None,
+            max_rules_reason: None,
             updates_in_place: false,
         }
     }

@@ -844,6 +844,7 @@ async fn quota_counts_foreign_rules_and_is_a_plan_error() {
             ours,
             foreign,
             limit,
+            ..
         }) => {
             assert_eq!(
                 (*family, *ours, *foreign, *limit),

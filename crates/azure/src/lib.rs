@@ -561,6 +561,8 @@ impl AzureProvider {
         // Source prefixes the planner does not see: outbound rules', and inbound foreign
         // rules' that are not plain prefixes (service tags, `*`).
         let mut hidden_sources = 0usize;
+        // Destination prefixes of outbound rules, which the planner does not see.
+        let mut hidden_destinations = 0usize;
         let (mut foreign_in_band, mut ours_outside_band) = (0usize, 0usize);
         for r in &all {
             let Some(p) = r.properties.as_ref() else {
@@ -570,11 +572,13 @@ impl AzureProvider {
             if p.direction != SecurityRuleDirection::Inbound {
                 outbound += 1;
                 hidden_sources += source_count;
-                seen.foreign_destinations += plural(
+                let dst = plural(
                     &p.destination_address_prefix,
                     &p.destination_address_prefixes,
                 )
                 .len();
+                seen.foreign_destinations += dst;
+                hidden_destinations += dst;
                 continue;
             }
             let Some((observed, s, dst_count)) = self.to_observed(r) else {
@@ -601,11 +605,14 @@ impl AzureProvider {
         // Our rules may number at most the free slots of the band (plus ours that kept a
         // priority outside it): a full band is a rule quota error in the plan.
         let band_room = band.size().saturating_sub(foreign_in_band) + ours_outside_band;
-        let max_rules = self
-            .config
-            .rule_quota
-            .saturating_sub(outbound)
-            .min(foreign_inbound + band_room);
+        let by_quota = self.config.rule_quota.saturating_sub(outbound);
+        let max_rules = by_quota.min(foreign_inbound + band_room);
+        let max_rules_reason = (foreign_inbound + band_room < by_quota).then(|| {
+            format!(
+                "the priority band {}-{} has room for {band_room} rules of ours: {foreign_in_band} of its priorities are held by rules of others; widen azure.priorityBand",
+                band.from, band.to
+            )
+        });
         debug!(nsg = %nsg.name, rules = all.len(), outbound, foreign_in_band, band_room, max_rules, "observed NSG");
         if let Ok(mut m) = self.seen.lock() {
             m.insert(nsg.id(), seen);
@@ -622,6 +629,12 @@ impl AzureProvider {
                         .source_prefix_quota
                         .saturating_sub(hidden_sources),
                 ),
+                max_total_destinations: Some(
+                    self.config
+                        .destination_prefix_quota
+                        .saturating_sub(hidden_destinations),
+                ),
+                max_rules_reason,
                 updates_in_place: true,
             },
         })

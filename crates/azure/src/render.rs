@@ -60,4 +60,18 @@ impl Render for NsgRenderer {
         out.sort_unstable_by(|a, b| a.content.cmp(&b.content));
         out
     }
+
+    /// A rule's destination prefixes: ours from its destination scope (an ASG counts none),
+    /// others' from what ARM returned (`other:` lists them as they are).
+    fn destinations(&self, rule: &Rule) -> usize {
+        match rule.content.scope.as_deref() {
+            Some(scope) => match Destination::parse(scope) {
+                Some(d) => d.prefix_count(),
+                None => scope
+                    .strip_prefix("other:")
+                    .map_or(0, |list| list.split(',').filter(|s| !s.is_empty()).count()),
+            },
+            None => 0,
+        }
+    }
 }

@@ -469,6 +469,17 @@ async fn a_full_priority_band_is_a_plan_error_before_any_write() {
         }
         other => panic!("expected a quota error, got {other:?}"),
     }
+    let message = full.targets[0]
+        .error
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    assert!(
+        message.contains(
+            "the priority band 3000-3004 has room for 3 rules of ours: 2 of its priorities are held by rules of others; widen azure.priorityBand"
+        ),
+        "{message}"
+    );
     for (_, outcome) in engine::apply(&p, &full).await {
         assert!(
             matches!(outcome, ApplyOutcome::Refused { .. }),
@@ -816,31 +827,63 @@ async fn a_foreign_rule_with_our_name_is_not_overwritten() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_destination_prefix_quota_stops_apply_before_any_write() {
+async fn the_destination_prefix_quota_is_a_plan_error_counting_others_prefixes() {
     let server = ArmServer::start();
     let nsg = server.create_nsg(SUB, RG, "nsg");
-    let p = provider_with(&server, json!({"destinationPrefixQuota": 2})).await;
+    // One destination prefix on an AKS inbound rule (seen by the planner), two on an
+    // outbound rule (not seen, taken off the limit by the provider).
+    server.seed_rule(&nsg, "k8s-azure-lb_allow_IPv4_abc", aks_lb_rule(500, 80));
+    server.seed_rule(
+        &nsg,
+        "allow-egress",
+        json!({
+            "protocol": "*", "sourceAddressPrefix": "*", "sourcePortRange": "*",
+            "destinationAddressPrefixes": ["192.0.2.0/24", "198.51.100.0/24"],
+            "destinationPortRange": "*", "access": "Allow", "priority": 100,
+            "direction": "Outbound"
+        }),
+    );
+    let p = provider_with(&server, json!({"destinationPrefixQuota": 5})).await;
     let config = config_for(&nsg, &[("np1", json!({}))]);
-    let nodes = vec![
+    let two = vec![
         node("a0", "np1", &["10.240.0.4"]),
         node("a1", "np1", &["10.240.0.5"]),
-        node("a2", "np1", &["10.240.0.6"]),
     ];
-    let outcomes = engine::apply(
-        &p,
-        &plan(&p, &config, &[svc("a", 30080, "10.0.0.0/8")], &nodes).await,
-    )
-    .await;
-    match &outcomes[0].1 {
-        ApplyOutcome::Failed { error } => {
+    let mut three = two.clone();
+    three.push(node("a2", "np1", &["10.240.0.6"]));
+    let services = [svc("a", 30080, "10.0.0.0/8")];
+
+    // 2 of ours + 1 inbound of others + 2 outbound = 5: fits.
+    let ok = plan(&p, &config, &services, &two).await;
+    assert!(ok.targets[0].error.is_none(), "{:?}", ok.targets[0].error);
+
+    server.clear_log();
+    let full = plan(&p, &config, &services, &three).await;
+    match &full.targets[0].error {
+        Some(
+            e @ PlanError::DestinationQuota {
+                ours,
+                foreign,
+                limit,
+            },
+        ) => {
+            assert_eq!((*ours, *foreign, *limit), (3, 1, 3), "{e}");
             assert!(
-                error.contains("destination prefix quota exceeded"),
-                "{error}"
-            )
+                e.to_string().contains("destination prefix quota exceeded"),
+                "{e}"
+            );
         }
-        other => panic!("expected a refusal, got {other:?}"),
+        other => panic!("expected a destination quota error, got {other:?}"),
+    }
+    for (_, outcome) in engine::apply(&p, &full).await {
+        assert!(
+            matches!(outcome, ApplyOutcome::Refused { .. }),
+            "{outcome:?}"
+        );
     }
     assert_eq!(server.count("PUT", "/"), 0);
+    apply_ok(&p, &ok).await;
+    assert_eq!(ours(&server, &nsg).len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

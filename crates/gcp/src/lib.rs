@@ -25,8 +25,8 @@ use google_cloud_compute_v1::client::{Firewalls, Instances};
 use google_cloud_compute_v1::model::{Firewall, Operation, firewall, operation};
 use ipnet::IpNet;
 use nodeport_firewall_model::{
-    Action, Change, IpFamily, Limits, Observation, ObservedRule, PoolTarget, PortRange, Protocol,
-    Render, Rule, RuleContent, ServiceSet, ShapeRenderer, Target, TargetPlan,
+    Action, Change, IpFamily, Limits, ManualSteps, NodeSpec, Observation, ObservedRule, PoolTarget,
+    PortRange, Protocol, Render, Rule, RuleContent, ServiceSet, ShapeRenderer, Target, TargetPlan,
 };
 use nodeport_firewall_provider::{
     ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy,
@@ -70,7 +70,18 @@ pub struct GcpProvider {
     digests: Mutex<HashMap<String, ServiceSet>>,
     /// Every instance of a project, read once for all pools resolved together.
     instance_cache: tokio::sync::Mutex<HashMap<String, (Instant, Arc<InstanceMap>)>>,
+    /// Targets whose writes a network admin may have to make, by target id.
+    network_admin: Mutex<HashMap<String, NetworkAdmin>>,
     stats: CallStats,
+}
+
+/// Why a target's writes may need a network admin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NetworkAdmin {
+    /// The network is in another project than the pool's instances (Shared VPC).
+    SharedVpc { service_projects: BTreeSet<String> },
+    /// A write was refused with 403 since the last successful apply.
+    Forbidden,
 }
 
 type InstanceMap = BTreeMap<discovery::InstanceKey, discovery::InstanceInfo>;
@@ -201,6 +212,7 @@ impl GcpProvider {
             renderer: ShapeRenderer::named(marker::rule_name),
             resolutions: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
+            network_admin: Mutex::new(HashMap::new()),
             digests: Mutex::new(HashMap::new()),
             instance_cache: tokio::sync::Mutex::new(HashMap::new()),
             stats: CallStats::new(stats::kind),
@@ -224,6 +236,8 @@ impl GcpProvider {
             max_ports_per_rule: self.config.max_ports_per_rule,
             max_sources_per_rule: self.config.max_source_ranges_per_rule,
             max_total_sources: None,
+            max_total_destinations: None,
+            max_rules_reason: None,
             updates_in_place: true,
         }
     }
@@ -756,6 +770,40 @@ impl GcpProvider {
     }
 }
 
+impl GcpProvider {
+    /// Remembers a target whose network is in another project than the pool's instances:
+    /// a Shared VPC, where writes usually need the host project's network admin.
+    fn note_shared_vpc(&self, target: &Target, project: &str, nodes: &[NodeSpec]) {
+        let service_projects: BTreeSet<String> = nodes
+            .iter()
+            .filter_map(|n| {
+                n.provider_id
+                    .as_deref()
+                    .and_then(discovery::parse_provider_id)
+            })
+            .map(|(p, _, _)| p.to_string())
+            .filter(|p| p != project)
+            .collect();
+        if service_projects.is_empty() {
+            return;
+        }
+        if let Ok(mut n) = self.network_admin.lock() {
+            match n.get_mut(&target.id) {
+                Some(NetworkAdmin::Forbidden) => {}
+                Some(NetworkAdmin::SharedVpc {
+                    service_projects: known,
+                }) => known.extend(service_projects),
+                None => {
+                    n.insert(
+                        target.id.clone(),
+                        NetworkAdmin::SharedVpc { service_projects },
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// What one change did.
 #[derive(Debug)]
 enum Outcome {
@@ -875,6 +923,7 @@ impl Provider for GcpProvider {
             )));
         }
         let target = Target::new(NAME, &format!("{project}/{network}"));
+        self.note_shared_vpc(&target, &project, pool.nodes);
         let to_targets = |scope: &Scope| {
             vec![PoolTarget {
                 target: target.clone(),
@@ -1043,6 +1092,37 @@ impl Provider for GcpProvider {
             .collect())
     }
 
+    /// In a Shared VPC, or after a write was refused with 403, the `gcloud` commands the
+    /// host project's network admin runs, as the GCE cloud provider prints them.
+    fn manual_steps(&self, plan: &TargetPlan) -> Option<ManualSteps> {
+        let why = self
+            .network_admin
+            .lock()
+            .ok()?
+            .get(&plan.target.id)
+            .cloned()?;
+        let (project, _) = Self::split_target(&plan.target).ok()?;
+        let writes: Vec<&Change> = plan
+            .changes
+            .iter()
+            .filter(|c| c.action.is_write())
+            .collect();
+        let commands = self.gcloud_commands(&plan.target, &writes);
+        if commands.is_empty() {
+            return None;
+        }
+        let reason = match why {
+            NetworkAdmin::SharedVpc { service_projects } => format!(
+                "Shared VPC: the network is in host project {project}, the nodes in {}. If these credentials may not write firewall rules in {project}, its network admin must run",
+                service_projects.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+            NetworkAdmin::Forbidden => format!(
+                "writes to firewall rules of project {project} were refused (403) for these credentials; a network admin of {project} must run"
+            ),
+        };
+        Some(ManualSteps { reason, commands })
+    }
+
     async fn apply(&self, plan: &TargetPlan) -> Result<ApplyReport> {
         if let Some(e) = &plan.error {
             return Err(invalid(format!("refusing a plan with an error: {e}")));
@@ -1096,10 +1176,18 @@ impl Provider for GcpProvider {
         }
         match failure {
             None => {
+                if let Ok(mut n) = self.network_admin.lock()
+                    && n.get(&target.id) == Some(&NetworkAdmin::Forbidden)
+                {
+                    n.remove(&target.id);
+                }
                 info!(target = %target, added = report.added, updated = report.updated, removed = report.removed, "applied firewall changes");
                 Ok(report)
             }
             Some(mut e) if e.kind == ErrorKind::PermissionDenied => {
+                if let Ok(mut n) = self.network_admin.lock() {
+                    n.insert(target.id.clone(), NetworkAdmin::Forbidden);
+                }
                 let pending: Vec<&Change> = all
                     .iter()
                     .enumerate()

@@ -61,6 +61,8 @@ fn bench(c: &mut Criterion) {
         max_ports_per_rule: 50,
         max_sources_per_rule: 64,
         max_total_sources: None,
+        max_total_destinations: None,
+        max_rules_reason: None,
         updates_in_place: true,
     };
     let renderer =

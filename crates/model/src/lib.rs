@@ -29,8 +29,8 @@ pub use desired::{Desired, Grant, PoolSelector, PoolState, PortGrant, ServiceRep
 pub use net::{IpFamily, SourceSet};
 pub use node::{NodeSpec, PoolName};
 pub use plan::{
-    Action, Change, Observation, ObservedRule, Plan, PlanError, PoolResolution, PoolTarget,
-    Summary, Target, TargetPlan, plan,
+    Action, Change, ManualSteps, Observation, ObservedRule, Plan, PlanError, PoolResolution,
+    PoolTarget, Summary, Target, TargetPlan, plan,
 };
 pub use rule::{Limits, PortRange, Protocol, Render, Rule, RuleContent, ShapeRenderer};
 pub use service::{ServicePort, ServiceRef, ServiceSpec, ServiceType};

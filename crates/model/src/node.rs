@@ -36,7 +36,7 @@ impl std::borrow::Borrow<str> for PoolName {
 }
 
 /// What the operator reads of a Node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeSpec {
     pub name: String,

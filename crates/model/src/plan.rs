@@ -120,9 +120,18 @@ pub enum PlanError {
         ours: usize,
         foreign: usize,
         limit: usize,
+        /// Why the limit is what it is, when not simply the cloud's quota.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// More source prefixes than the target allows in total.
     SourceQuota {
+        ours: usize,
+        foreign: usize,
+        limit: usize,
+    },
+    /// More destination prefixes than the target allows in total (Azure NSG).
+    DestinationQuota {
         ours: usize,
         foreign: usize,
         limit: usize,
@@ -141,13 +150,18 @@ impl fmt::Display for PlanError {
                 ours,
                 foreign,
                 limit,
+                reason,
             } => {
                 let fam = family.map(|f| format!(" {f}")).unwrap_or_default();
                 write!(
                     f,
                     "rule quota exceeded: {ours} rules of ours + {foreign} of others = {}{fam} rules, limit {limit}",
                     ours + foreign
-                )
+                )?;
+                match reason {
+                    Some(r) => write!(f, " ({r})"),
+                    None => Ok(()),
+                }
             }
             PlanError::SourceQuota {
                 ours,
@@ -156,6 +170,15 @@ impl fmt::Display for PlanError {
             } => write!(
                 f,
                 "source prefix quota exceeded: {ours} of ours + {foreign} of others = {}, limit {limit}",
+                ours + foreign
+            ),
+            PlanError::DestinationQuota {
+                ours,
+                foreign,
+                limit,
+            } => write!(
+                f,
+                "destination prefix quota exceeded: {ours} of ours + {foreign} of others = {}, limit {limit}",
                 ours + foreign
             ),
             PlanError::RuleShape { message } => write!(f, "invalid rule: {message}"),
@@ -187,6 +210,20 @@ pub struct TargetPlan {
     /// Remove before adding, because adding first would pass the quota.
     pub remove_first: bool,
     pub usage: Usage,
+    /// What someone else must do for these writes to happen (a Shared VPC host project's
+    /// network admin). Filled in by the provider after planning, never by the planner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manual: Option<ManualSteps>,
+}
+
+/// Commands a person with more rights than the operator runs to carry out a target's writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManualSteps {
+    /// Why, and who must run them.
+    pub reason: String,
+    /// One command per write, in the order they must run.
+    pub commands: Vec<String>,
 }
 
 impl TargetPlan {
@@ -417,6 +454,7 @@ fn plan_one(
         observation,
         &desired.pinned,
         failed_pools,
+        renderer,
     )
 }
 
@@ -428,6 +466,7 @@ fn errored(target: &Target, pools: BTreeSet<PoolName>, error: PlanError) -> Targ
         error: Some(error),
         remove_first: false,
         usage: Usage::default(),
+        manual: None,
     }
 }
 
@@ -449,6 +488,7 @@ pub fn plan_target(
     observation: &Observation,
     pinned_services: &BTreeSet<crate::service::ServiceRef>,
     failed_pools: &BTreeSet<&PoolName>,
+    renderer: &dyn Render,
 ) -> TargetPlan {
     want.sort_unstable_by(|a, b| a.content.cmp(&b.content));
     want.dedup_by(|a, b| a.content == b.content);
@@ -605,6 +645,7 @@ pub fn plan_target(
                     ours,
                     foreign: theirs,
                     limit,
+                    reason: limits.max_rules_reason.clone(),
                 });
             }
             let now = owned.iter().filter(|r| in_family(&r.rule, fam)).count();
@@ -632,6 +673,17 @@ pub fn plan_target(
             });
         }
     }
+    if let Some(limit) = limits.max_total_destinations {
+        let ours: usize = after.iter().map(|r| renderer.destinations(r)).sum();
+        let theirs: usize = foreign.iter().map(|r| renderer.destinations(&r.rule)).sum();
+        if ours + theirs > limit && error.is_none() {
+            error = Some(PlanError::DestinationQuota {
+                ours,
+                foreign: theirs,
+                limit,
+            });
+        }
+    }
     usage.ours = after.len();
     TargetPlan {
         target: target.clone(),
@@ -640,6 +692,7 @@ pub fn plan_target(
         error,
         remove_first,
         usage,
+        manual: None,
     }
 }
 

@@ -174,6 +174,14 @@ pub struct Limits {
     pub max_sources_per_rule: usize,
     /// Source prefixes summed over all rules of the target (Azure NSG: 4000). `None`: no limit.
     pub max_total_sources: Option<usize>,
+    /// Destination prefixes summed over all rules of the target, as the renderer counts them
+    /// ([`Render::destinations`]), less those of rules the planner does not see (Azure NSG:
+    /// 4000). `None`: no limit.
+    pub max_total_destinations: Option<usize>,
+    /// Why `max_rules` is what it is, when it is not simply the cloud's quota (an Azure
+    /// priority band with few free slots). Shown with a rule quota error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rules_reason: Option<String>,
     /// Whether a named rule can be changed in place (GCP patch, Azure PUT). Without it a
     /// change is an add of the new rule and a remove of the old one.
     pub updates_in_place: bool,
@@ -187,6 +195,8 @@ impl Default for Limits {
             max_ports_per_rule: 1,
             max_sources_per_rule: 1,
             max_total_sources: None,
+            max_total_destinations: None,
+            max_rules_reason: None,
             updates_in_place: false,
         }
     }
@@ -234,6 +244,12 @@ pub struct RenderContext<'a> {
 /// Turns provider-neutral grants into a provider's rules. Pure: renderers do no I/O.
 pub trait Render: Send + Sync {
     fn render(&self, ctx: &RenderContext<'_>, grants: &[&Grant]) -> Vec<Rule>;
+
+    /// The destination prefixes a rule (ours or observed) counts against
+    /// [`Limits::max_total_destinations`]; 0 where the cloud has no such limit.
+    fn destinations(&self, _rule: &Rule) -> usize {
+        0
+    }
 }
 
 /// The parts a rule name is built from, so that names are stable while ports change.

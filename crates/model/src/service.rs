@@ -113,7 +113,7 @@ impl<'de> Deserialize<'de> for ServiceRef {
 }
 
 /// The `spec.type` of a Service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ServiceType {
     NodePort,
     LoadBalancer,
@@ -132,7 +132,7 @@ impl fmt::Display for ServiceType {
 }
 
 /// One entry of `spec.ports`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ServicePort {
     pub name: Option<String>,
     pub port: i32,
@@ -142,7 +142,7 @@ pub struct ServicePort {
 }
 
 /// What the planner reads of a Service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ServiceSpec {
     pub service: ServiceRef,
     pub service_type: ServiceType,

@@ -142,6 +142,8 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                         max_ports_per_rule: ports,
                         max_sources_per_rule: sources,
                         max_total_sources: None,
+                        max_total_destinations: None,
+                        max_rules_reason: None,
                         updates_in_place: in_place && named,
                     },
                     named,
@@ -468,7 +470,8 @@ fn quota_is_checked_per_family_before_any_write() {
                 family: Some(nodeport_firewall_model::IpFamily::V4),
                 ours: 3,
                 foreign: 0,
-                limit: 2
+                limit: 2,
+                reason: None,
             })
         ),
         "{:?}",

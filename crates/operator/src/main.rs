@@ -7,6 +7,7 @@ use clap::Parser;
 /// mimalloc rather than glibc's malloc: the controller parses every watched Service in full
 /// before stripping it, and glibc's per-thread arenas keep the freed space, so with 10,000
 /// Services the process held twice the memory it used (see the note on issue 4).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

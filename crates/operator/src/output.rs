@@ -183,6 +183,12 @@ pub fn text(plan: &Plan, verbose: bool, style: Style) -> String {
                 shown += 1;
             }
         }
+        if let Some(m) = &t.manual {
+            let _ = writeln!(out, "{}", style.yellow(&format!("  {}:", m.reason)));
+            for c in &m.commands {
+                let _ = writeln!(out, "    {c}");
+            }
+        }
         let unchanged = t.count(Action::Unchanged);
         if !verbose && unchanged > 0 {
             let _ = writeln!(

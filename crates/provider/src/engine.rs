@@ -1,6 +1,7 @@
-//! Drives a provider: resolve every pool, observe every target once, plan purely, apply.
+//! Drives a provider: resolve every pool, observe every target once (or only the targets
+//! whose plan changed, with [`Observed`]), plan purely, apply.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures::stream::{self, StreamExt};
 use nodeport_firewall_model::{
@@ -16,8 +17,101 @@ const CONCURRENCY: usize = 8;
 
 /// Resolves every managed pool, observes every target once, and plans.
 pub async fn plan(provider: &dyn Provider, config: &Config, desired: &Desired) -> Plan {
+    plan_with_cache(provider, config, desired, &mut Observed::default()).await
+}
+
+/// What was last observed on each target, for [`plan_with_cache`]. An entry is only
+/// trusted while nobody has written to its target: forget it after an apply there, and
+/// clear everything on a periodic resync so that drift is seen.
+#[derive(Debug, Default)]
+pub struct Observed {
+    targets: BTreeMap<Target, Observation>,
+    /// Reads made by the last plan, for logs and tests.
+    pub last_reads: usize,
+}
+
+impl Observed {
+    /// Forgets what was seen on `target`: the next plan reads it again.
+    pub fn forget(&mut self, target: &Target) {
+        self.targets.remove(target);
+    }
+
+    /// Forgets every target: the next plan reads them all (a resync).
+    pub fn clear(&mut self) {
+        self.targets.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+}
+
+/// Like [`plan`], but reads only the targets it must: targets never seen (or forgotten)
+/// are observed; the others are first planned against what was seen last, and only those
+/// whose plan would then write (their pools' Services or Nodes changed) or fail are read
+/// again and replanned. A change to one pool therefore reads only that pool's targets, and
+/// the plan still covers every target, so every Service's status is complete.
+pub async fn plan_with_cache(
+    provider: &dyn Provider,
+    config: &Config,
+    desired: &Desired,
+    observed: &mut Observed,
+) -> Plan {
+    let resolutions = resolve(provider, config, desired).await;
+    let mut targets: Vec<Target> = resolutions
+        .values()
+        .flatten()
+        .flatten()
+        .map(|pt| pt.target.clone())
+        .collect();
+    targets.sort();
+    targets.dedup();
+    // Forget targets no pool maps to any more, so the cache cannot grow without bound.
+    observed.targets.retain(|t, _| targets.binary_search(t).is_ok());
+
+    let unseen: Vec<Target> = targets
+        .iter()
+        .filter(|t| !observed.targets.contains_key(*t))
+        .cloned()
+        .collect();
+    let mut reads = unseen.len();
+    let mut observations = observe(provider, unseen).await;
+    let cached = std::mem::take(&mut observed.targets);
+    let from_cache: BTreeSet<Target> = cached.keys().cloned().collect();
+    observations.extend(cached.into_iter().map(|(t, o)| (t, Ok(o))));
+    let mut plan = plan_pure(provider, desired, &resolutions, &observations);
+
+    let stale: Vec<Target> = plan
+        .targets
+        .iter()
+        .filter(|tp| from_cache.contains(&tp.target) && (tp.has_writes() || tp.error.is_some()))
+        .map(|tp| tp.target.clone())
+        .collect();
+    if !stale.is_empty() {
+        reads += stale.len();
+        observations.extend(observe(provider, stale).await);
+        plan = plan_pure(provider, desired, &resolutions, &observations);
+    }
+    observed.targets = observations
+        .into_iter()
+        .filter_map(|(t, o)| o.ok().map(|o| (t, o)))
+        .collect();
+    observed.last_reads = reads;
+    plan
+}
+
+/// Resolves every managed pool, `CONCURRENCY` at a time.
+async fn resolve(
+    provider: &dyn Provider,
+    config: &Config,
+    desired: &Desired,
+) -> BTreeMap<PoolName, PoolResolution> {
     let pools: Vec<_> = desired.managed_pools().collect();
-    let resolutions: BTreeMap<PoolName, PoolResolution> = stream::iter(pools)
+    stream::iter(pools)
         .map(|pool| async move {
             let view = PoolView {
                 name: &pool.name,
@@ -35,32 +129,44 @@ pub async fn plan(provider: &dyn Provider, config: &Config, desired: &Desired) -
         })
         .buffer_unordered(CONCURRENCY)
         .collect()
-        .await;
+        .await
+}
 
-    let mut targets: Vec<Target> = resolutions
-        .values()
-        .flatten()
-        .flatten()
-        .map(|pt| pt.target.clone())
-        .collect();
-    targets.sort();
-    targets.dedup();
-    let observations: BTreeMap<Target, Result<Observation, String>> = stream::iter(targets)
+/// Observes `targets`, `CONCURRENCY` at a time: one read each.
+async fn observe(
+    provider: &dyn Provider,
+    targets: Vec<Target>,
+) -> BTreeMap<Target, Result<Observation, String>> {
+    stream::iter(targets)
         .map(|t| async move {
             let obs = provider.observe(&t).await.map_err(|e| e.to_string());
             (t, obs)
         })
         .buffer_unordered(CONCURRENCY)
         .collect()
-        .await;
+        .await
+}
 
-    nodeport_firewall_model::plan(
+/// The pure planner, then the provider's manual steps for targets with writes.
+fn plan_pure(
+    provider: &dyn Provider,
+    desired: &Desired,
+    resolutions: &BTreeMap<PoolName, PoolResolution>,
+    observations: &BTreeMap<Target, Result<Observation, String>>,
+) -> Plan {
+    let mut plan = nodeport_firewall_model::plan(
         desired,
         provider.name(),
-        &resolutions,
-        &observations,
+        resolutions,
+        observations,
         provider.renderer(),
-    )
+    );
+    for tp in &mut plan.targets {
+        if tp.error.is_none() && tp.has_writes() {
+            tp.manual = provider.manual_steps(tp);
+        }
+    }
+    plan
 }
 
 /// What happened on one target when a plan was applied.

@@ -14,13 +14,13 @@ pub mod stats;
 use async_trait::async_trait;
 pub use nodeport_firewall_model as model;
 pub use nodeport_firewall_model::{
-    Action, Change, Limits, Observation, ObservedRule, Plan, PlanError, PoolTarget, Render, Rule,
-    RuleContent, Target, TargetPlan,
+    Action, Change, Limits, ManualSteps, Observation, ObservedRule, Plan, PlanError, PoolTarget,
+    Render, Rule, RuleContent, Target, TargetPlan,
 };
 use nodeport_firewall_model::{NodeSpec, PoolName};
 use serde::Serialize;
 
-pub use engine::{ApplyOutcome, apply, plan};
+pub use engine::{ApplyOutcome, Observed, apply, plan, plan_with_cache};
 pub use error::{Error, ErrorKind, Result};
 pub use memory::MemoryProvider;
 pub use retry::RetryPolicy;
@@ -105,5 +105,12 @@ pub trait Provider: Send + Sync {
     /// has nothing to check.
     async fn preflight(&self, _target: &Target) -> Result<Vec<String>> {
         Ok(Vec::new())
+    }
+
+    /// The commands someone with more rights must run to carry out `plan`'s writes, when
+    /// this provider knows (or has seen) that its credentials may not write to the target:
+    /// a Shared VPC host project. `None` when the operator writes itself. Pure.
+    fn manual_steps(&self, _plan: &TargetPlan) -> Option<ManualSteps> {
+        None
     }
 }

@@ -178,6 +178,47 @@ fn gcp_ambiguous_pool_is_a_plan_error_and_shared_vpc_403_prints_the_gcloud_comma
         "{}",
         plan.stdout
     );
+    // The nodes are in demo-proj and the network in host-proj: a Shared VPC, so the plan
+    // already carries the commands a network admin would run.
+    assert!(
+        plan.stdout.contains(
+            "Shared VPC: the network is in host project host-proj, the nodes in demo-proj."
+        ),
+        "{}",
+        plan.stdout
+    );
+    assert!(
+        plan.stdout
+            .contains("    gcloud compute firewall-rules create npf-demo-web-"),
+        "{}",
+        plan.stdout
+    );
+    let json = Cli::new()
+        .plan(&args(&nodes, &config, &["-o", "json"]))
+        .expect_exit(1)
+        .json();
+    let web = json["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| {
+            t["pools"]
+                .as_array()
+                .is_some_and(|p| p.contains(&json!("web")))
+        })
+        .cloned()
+        .unwrap_or_default();
+    let commands = web["manual"]["commands"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let adds = web["changes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["action"] == "add")
+        .count();
+    assert!(adds > 0 && commands.len() == adds, "{web:#}");
 
     let applied = Cli::new().apply(&args(&nodes, &config, &["--yes"]));
     let out = format!("{}{}", applied.stdout, applied.stderr);

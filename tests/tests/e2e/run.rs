@@ -297,6 +297,42 @@ fn run_against_moto_follows_services_and_repairs_drift() {
     );
     assert_eq!(w1, w0, "no writes when nothing changed");
 
+    // Work is keyed by target: a change that only concerns pool b reads b's group alone
+    // (a is planned against what was read there at the resync). Start right after a
+    // resync, so the next one (3 s) is far off.
+    let r2 = reconciles(&op);
+    eventually("a resync", 30, &op, || reconciles(&op) > r2);
+    let d2 = op.cloud_calls("DescribeSecurityGroupRules");
+    api.put(
+        "Service",
+        with_annotation(
+            service("api", 30081, "10.3.0.0/16"),
+            "nodeport-firewall.io/node-pools",
+            "b",
+        ),
+        "ADDED",
+    );
+    let with_api = vec![
+        "30080-30080 10.2.0.0/16".to_string(),
+        "30081-30081 10.3.0.0/16".to_string(),
+    ];
+    eventually("api's rule on b", 30, &op, || ingress(&moto, &b).0 == with_api);
+    assert_eq!(
+        op.cloud_calls("DescribeSecurityGroupRules") - d2,
+        1.0,
+        "one read, of pool b's group only:\n{}",
+        op.log()
+    );
+    assert!(
+        op.log()
+            .lines()
+            .any(|l| l.contains("reconciled") && l.contains("reads=1") && l.contains("add=1")),
+        "{}",
+        op.log()
+    );
+    api.put("Service", service("api", 30081, "10.3.0.0/16"), "DELETED");
+    eventually("api's rule gone", 30, &op, || ingress(&moto, &b).0 == want);
+
     // Deleted over HTTP: the rule goes. The foreign SSH rule stays exactly as it was.
     api.put("Service", service("web", 30080, "10.2.0.0/16"), "DELETED");
     eventually("no rules of ours", 30, &op, || {

@@ -11,7 +11,7 @@ use nodeport_firewall_model::ANNOTATION_PREFIX;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
-use super::feedback::CONDITION_TYPE;
+use super::feedback::{CONDITION_TYPE, fingerprint_condition};
 
 /// The operator's view of the cluster: one store per kind.
 #[derive(Clone)]
@@ -44,7 +44,8 @@ impl Caches {
 }
 
 /// Drops everything of a Service the operator does not read: managedFields, labels,
-/// unrelated annotations, most of the spec, and every status condition but ours.
+/// unrelated annotations, most of the spec, and every status condition but ours, whose
+/// message is replaced by its fingerprint.
 pub fn strip_service(svc: &mut Service) {
     let meta = &mut svc.metadata;
     meta.managed_fields = None;
@@ -75,6 +76,7 @@ pub fn strip_service(svc: &mut Service) {
         status.load_balancer = None;
         if let Some(c) = status.conditions.as_mut() {
             c.retain(|c| c.type_ == CONDITION_TYPE);
+            c.iter_mut().for_each(fingerprint_condition);
         }
     }
 }

@@ -4,11 +4,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use futures::stream::{self, StreamExt};
 
+use std::hash::{DefaultHasher, Hash, Hasher};
+
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource};
 use nodeport_firewall_model::desired::ServiceStatus;
@@ -25,15 +27,30 @@ pub const FIELD_MANAGER: &str = "nodeport-firewall";
 pub const MAX_MESSAGE: usize = 1000;
 
 /// What a Service's condition says.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ConditionState {
     pub status: bool,
     pub reason: String,
     pub message: String,
 }
 
+impl ConditionState {
+    /// A digest of the condition. The Service cache and the publisher keep this instead of
+    /// the message (up to 1 KB), which would otherwise be held twice per Service.
+    pub fn fingerprint(&self) -> u64 {
+        fingerprint(self)
+    }
+}
+
+/// A digest, stable within this process.
+fn fingerprint(value: &impl Hash) -> u64 {
+    let mut h = DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
 /// An event to report on a Service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Report {
     pub warning: bool,
     pub reason: String,
@@ -87,7 +104,14 @@ fn list<'a>(items: impl IntoIterator<Item = &'a str>, max_items: usize) -> Strin
 
 fn error_reason(kind: Option<ErrorKind>, plan_error: Option<&PlanError>) -> (&'static str, String) {
     match (plan_error, kind) {
-        (Some(PlanError::RuleQuota { .. } | PlanError::SourceQuota { .. }), _)
+        (
+            Some(
+                PlanError::RuleQuota { .. }
+                | PlanError::SourceQuota { .. }
+                | PlanError::DestinationQuota { .. },
+            ),
+            _,
+        )
         | (_, Some(ErrorKind::QuotaExceeded)) => (
             "QuotaExceeded",
             "raise the target's rule quota, or open fewer ports or source ranges (nodeport-firewall.io/ports, nodeport-firewall.io/allowed-source-ranges)".into(),
@@ -320,11 +344,53 @@ fn managed(
 /// Publishes feedback: events that were not already reported, conditions that changed.
 pub struct Publisher {
     client: kube::Client,
-    recorder: Recorder,
-    /// Last events reported per Service, to not repeat them on resyncs.
-    reported: BTreeMap<ServiceRef, Vec<Report>>,
-    /// Last condition set per Service (the cache may lag behind our own patch).
-    conditions: BTreeMap<ServiceRef, ConditionState>,
+    events: EventSink,
+    /// Fingerprints of the last events reported per Service, to not repeat them on resyncs.
+    reported: BTreeMap<ServiceRef, Vec<u64>>,
+    /// Fingerprint of the last condition set per Service (the cache may lag behind our own
+    /// patch).
+    conditions: BTreeMap<ServiceRef, u64>,
+}
+
+/// Creates `events.k8s.io/v1` Events. kube's `Recorder` keeps every event it sent for six
+/// minutes to fold repeats into a series: after a first start with 10,000 Services that is
+/// 10,000 events in memory. The publisher never sends the same warning twice, so a plain
+/// create is enough.
+struct EventSink {
+    client: kube::Client,
+    instance: String,
+}
+
+impl EventSink {
+    async fn publish(&self, report: &Report, regarding: &ObjectReference) -> kube::Result<()> {
+        let now = Timestamp::now();
+        let namespace = regarding.namespace.clone().unwrap_or_else(|| "default".into());
+        let event = K8sEvent {
+            action: Some("Reconcile".into()),
+            reason: Some(report.reason.clone()),
+            note: Some(report.note.clone()),
+            event_time: Some(MicroTime(now)),
+            regarding: Some(regarding.clone()),
+            metadata: ObjectMeta {
+                namespace: Some(namespace.clone()),
+                // Unique per Service and instant, as kube's Recorder names them.
+                name: Some(format!(
+                    "{}.{:x}",
+                    regarding.name.as_deref().unwrap_or(FIELD_MANAGER),
+                    now.as_nanosecond()
+                )),
+                ..Default::default()
+            },
+            reporting_controller: Some(FIELD_MANAGER.into()),
+            reporting_instance: Some(self.instance.clone()),
+            type_: Some(if report.warning { "Warning" } else { "Normal" }.into()),
+            ..Default::default()
+        };
+        Api::<K8sEvent>::namespaced(self.client.clone(), &namespace)
+            .create(&PostParams::default(), &event)
+            .await
+            .map(|_| ())
+    }
 }
 
 impl std::fmt::Debug for Publisher {
@@ -336,23 +402,54 @@ impl std::fmt::Debug for Publisher {
 }
 
 /// Our condition on a cached Service, if any.
-pub fn current_condition(svc: &Service) -> Option<(ConditionState, Option<Time>)> {
-    svc.status
+/// Our condition on a Service as the cache holds it: its fingerprint, its status, and
+/// when that status last changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentCondition {
+    pub fingerprint: u64,
+    pub status: bool,
+    pub last_transition: Time,
+}
+
+/// Marks a condition's message as already replaced by its fingerprint.
+const FINGERPRINT_PREFIX: &str = "fingerprint:";
+
+/// Replaces the message of our condition on a cached Service with the condition's
+/// fingerprint (see [`ConditionState::fingerprint`]). Idempotent.
+pub fn fingerprint_condition(c: &mut Condition) {
+    if c.type_ != CONDITION_TYPE || c.message.starts_with(FINGERPRINT_PREFIX) {
+        return;
+    }
+    let state = ConditionState {
+        status: c.status == "True",
+        reason: c.reason.clone(),
+        message: std::mem::take(&mut c.message),
+    };
+    c.message = format!("{FINGERPRINT_PREFIX}{:016x}", state.fingerprint());
+}
+
+pub fn current_condition(svc: &Service) -> Option<CurrentCondition> {
+    let c = svc
+        .status
         .as_ref()?
         .conditions
         .as_ref()?
         .iter()
-        .find(|c| c.type_ == CONDITION_TYPE)
-        .map(|c| {
-            (
-                ConditionState {
-                    status: c.status == "True",
-                    reason: c.reason.clone(),
-                    message: c.message.clone(),
-                },
-                Some(c.last_transition_time.clone()),
-            )
-        })
+        .find(|c| c.type_ == CONDITION_TYPE)?;
+    let fingerprint = match c.message.strip_prefix(FINGERPRINT_PREFIX) {
+        Some(hex) => u64::from_str_radix(hex, 16).unwrap_or_default(),
+        None => ConditionState {
+            status: c.status == "True",
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+        }
+        .fingerprint(),
+    };
+    Some(CurrentCondition {
+        fingerprint,
+        status: c.status == "True",
+        last_transition: c.last_transition_time.clone(),
+    })
 }
 
 /// Events and condition patches in flight at once: a first start with thousands of Services
@@ -363,28 +460,25 @@ pub const PUBLISH_CONCURRENCY: usize = 16;
 enum Write {
     Event {
         service: ServiceRef,
-        event: Box<Event>,
+        report: Report,
         reference: Box<ObjectReference>,
     },
     Condition {
         service: ServiceRef,
         want: ConditionState,
-        patch: serde_json::Value,
+        transition: Time,
+        generation: Option<i64>,
     },
 }
 
 impl Publisher {
     pub fn new(client: kube::Client, instance: String) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: FIELD_MANAGER.into(),
-                instance: Some(instance),
-            },
-        );
         Publisher {
+            events: EventSink {
+                client: client.clone(),
+                instance,
+            },
             client,
-            recorder,
             reported: BTreeMap::new(),
             conditions: BTreeMap::new(),
         }
@@ -413,73 +507,55 @@ impl Publisher {
             let Some(obj) = store.get(&key) else {
                 continue;
             };
-            let reference: ObjectReference = obj.object_ref(&());
             // Events: Normal change events always (they report a write); warnings only when
             // they differ from what was last reported.
             let last = self.reported.get(&fb.service).cloned().unwrap_or_default();
-            for ev in &fb.events {
-                if ev.warning && last.contains(ev) {
+            let prints: Vec<u64> = fb.events.iter().map(fingerprint).collect();
+            for (ev, print) in fb.events.into_iter().zip(&prints) {
+                let repeated = last.contains(print);
+                if repeated && (ev.warning || ev.reason != "RulesUpdated") {
                     continue;
                 }
-                if !ev.warning && ev.reason != "RulesUpdated" && last.contains(ev) {
-                    continue;
-                }
-                let event = Event {
-                    type_: if ev.warning {
-                        EventType::Warning
-                    } else {
-                        EventType::Normal
-                    },
-                    reason: ev.reason.clone(),
-                    note: Some(ev.note.clone()),
-                    action: "Reconcile".into(),
-                    secondary: None,
-                };
                 writes.push(Write::Event {
                     service: fb.service.clone(),
-                    event: Box::new(event),
-                    reference: Box::new(reference.clone()),
+                    report: ev,
+                    reference: Box::new(obj.object_ref(&())),
                 });
             }
-            self.reported.insert(fb.service.clone(), fb.events.clone());
+            if prints.is_empty() {
+                self.reported.remove(&fb.service);
+            } else {
+                self.reported.insert(fb.service.clone(), prints);
+            }
 
             let Some(want) = fb.condition else {
                 continue;
             };
             let current = current_condition(&obj);
-            if current.as_ref().map(|c| &c.0) == Some(&want)
-                || self.conditions.get(&fb.service) == Some(&want)
+            let print = want.fingerprint();
+            if current.as_ref().map(|c| c.fingerprint) == Some(print)
+                || self.conditions.get(&fb.service) == Some(&print)
             {
                 continue;
             }
             let transition = match &current {
-                Some((c, Some(t))) if c.status == want.status => t.clone(),
+                Some(c) if c.status == want.status => c.last_transition.clone(),
                 _ => Time(Timestamp::now()),
             };
-            let patch = json!({
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": { "name": fb.service.name(), "namespace": fb.service.namespace() },
-                "status": { "conditions": [{
-                    "type": CONDITION_TYPE,
-                    "status": if want.status { "True" } else { "False" },
-                    "reason": want.reason,
-                    "message": want.message,
-                    "lastTransitionTime": transition,
-                    "observedGeneration": obj.metadata.generation,
-                }]}
-            });
+            // The patch itself is built when it is sent: 10,000 JSON documents built up front
+            // were most of the operator's peak memory on a first start.
             writes.push(Write::Condition {
                 service: fb.service.clone(),
                 want,
-                patch,
+                transition,
+                generation: obj.metadata.generation,
             });
         }
 
         let count = writes.len();
-        let recorder = &self.recorder;
+        let events = &self.events;
         let client = &self.client;
-        let set: Vec<(ServiceRef, ConditionState)> = stream::iter(writes)
+        let set: Vec<(ServiceRef, u64)> = stream::iter(writes)
             .map(|w| async move {
                 if !keep_going() {
                     return None;
@@ -487,19 +563,33 @@ impl Publisher {
                 match w {
                     Write::Event {
                         service,
-                        event,
+                        report,
                         reference,
                     } => {
-                        if let Err(e) = recorder.publish(&event, &reference).await {
-                            warn!(service = %service, reason = %event.reason, error = %e, "cannot publish event");
+                        if let Err(e) = events.publish(&report, &reference).await {
+                            warn!(service = %service, reason = %report.reason, error = %e, "cannot publish event");
                         }
                         None
                     }
                     Write::Condition {
                         service,
                         want,
-                        patch,
+                        transition,
+                        generation,
                     } => {
+                        let patch = json!({
+                            "apiVersion": "v1",
+                            "kind": "Service",
+                            "metadata": { "name": service.name(), "namespace": service.namespace() },
+                            "status": { "conditions": [{
+                                "type": CONDITION_TYPE,
+                                "status": if want.status { "True" } else { "False" },
+                                "reason": want.reason,
+                                "message": want.message,
+                                "lastTransitionTime": transition,
+                                "observedGeneration": generation,
+                            }]}
+                        });
                         let api: Api<Service> =
                             Api::namespaced(client.clone(), service.namespace());
                         match api
@@ -512,7 +602,7 @@ impl Publisher {
                         {
                             Ok(_) => {
                                 debug!(service = %service, reason = %want.reason, "condition set");
-                                Some((service, want))
+                                Some((service, want.fingerprint()))
                             }
                             Err(e) => {
                                 warn!(service = %service, error = %e, "cannot set the condition");

@@ -2,8 +2,11 @@
 //!
 //! Reflectors keep stripped Services and Nodes in memory. Nothing is planned before every
 //! cache has synced. One reconcile loop replans all pools from the full state whenever a
-//! relevant change arrives (debounced and coalesced) and on every resync; the engine applies
-//! each target's plan with exactly one writer per target and bounded concurrency. Only the
+//! relevant change arrives (debounced and coalesced) and on every resync. Work is keyed by
+//! target: a change re-reads and writes only the targets whose plan it changes (the others
+//! are planned against what was last read there), a resync re-reads every target, and the
+//! engine applies each target's plan with exactly one writer per target and bounded
+//! concurrency. Only the
 //! leader reconciles; the provider is wrapped so that a write is refused the moment the
 //! lease is lost.
 
@@ -23,7 +26,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nodeport_firewall_model::{Action, Config, NodeSpec, Plan, ServiceRef, ServiceSpec, desired};
-use nodeport_firewall_provider::engine::{self, ApplyOutcome};
+use nodeport_firewall_provider::engine::{self, ApplyOutcome, Observed};
 use nodeport_firewall_provider::{Provider, Target};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -113,8 +116,16 @@ impl Context {
     }
 }
 
-/// The inputs of a plan, to skip replanning when a change did not touch them.
+/// The inputs of a plan.
 type Inputs = (Vec<ServiceSpec>, Vec<NodeSpec>);
+
+/// A digest of a plan's inputs, to skip replanning when a change did not touch them
+/// without keeping a second copy of every Service.
+fn fingerprint(inputs: &Inputs) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(inputs, &mut h);
+    std::hash::Hasher::finish(&h)
+}
 
 fn inputs(caches: &Caches, config: &Config) -> Inputs {
     let mut services: Vec<ServiceSpec> = caches
@@ -189,6 +200,7 @@ pub async fn run(
         leadership: leadership.clone(),
         publisher: Publisher::new(ctx.client.clone(), ctx.settings.identity.clone()),
         last_inputs: None,
+        observed: Observed::default(),
         stopping: stopping.clone(),
     };
 
@@ -227,7 +239,10 @@ struct Loop<'a> {
     gated: Arc<Gated>,
     leadership: Leadership,
     publisher: Publisher,
-    last_inputs: Option<Inputs>,
+    last_inputs: Option<u64>,
+    /// What each target held when last read and not written since: a change to one pool
+    /// re-reads only that pool's targets. Cleared on every resync and leadership change.
+    observed: Observed,
     /// True once shutdown has begun.
     stopping: watch::Receiver<bool>,
 }
@@ -259,6 +274,7 @@ impl Loop<'_> {
                         // The next leader reports afresh; so will we, if we lead again.
                         self.publisher.reset();
                         self.last_inputs = None;
+                        self.observed.clear();
                     }
                 }
                 _ = changed.notified() => {
@@ -298,12 +314,19 @@ impl Loop<'_> {
         let ctx = self.ctx;
         let s = &ctx.settings;
         let inputs = inputs(self.caches, &ctx.config);
-        if !force && self.last_inputs.as_ref() == Some(&inputs) {
+        let inputs_print = fingerprint(&inputs);
+        if !force && self.last_inputs == Some(inputs_print) {
             return None;
         }
         let started = std::time::Instant::now();
+        if force {
+            self.observed.clear();
+        }
         let d = desired(&ctx.config, &inputs.0, &inputs.1);
-        let plan = engine::plan(self.gated.as_ref(), &ctx.config, &d).await;
+        drop(inputs);
+        let plan =
+            engine::plan_with_cache(self.gated.as_ref(), &ctx.config, &d, &mut self.observed)
+                .await;
         let applied = if s.dry_run {
             if plan.has_changes() {
                 info!(
@@ -321,6 +344,15 @@ impl Loop<'_> {
         } else {
             Some(Vec::new())
         };
+        // A target written to (or half written to) must be read again before its next plan.
+        for (target, outcome) in applied.iter().flatten() {
+            if matches!(
+                outcome,
+                ApplyOutcome::Applied { .. } | ApplyOutcome::Failed { .. }
+            ) {
+                self.observed.forget(target);
+            }
+        }
         let kinds = self.gated.take_errors();
         let elapsed = started.elapsed().as_secs_f64();
         let failed = self.record(&plan, applied.as_deref(), elapsed);
@@ -349,7 +381,7 @@ impl Loop<'_> {
                 .publish(fb, &self.caches.services, &keep_going)
                 .await;
         }
-        self.last_inputs = Some(inputs);
+        self.last_inputs = Some(inputs_print);
         if failed {
             self.last_inputs = None;
             Some(s.retry.min(s.resync))
@@ -438,6 +470,7 @@ impl Loop<'_> {
             provider = %provider,
             pools = plan.pools.len(),
             targets = plan.targets.len(),
+            reads = self.observed.last_reads,
             add = plan.summary.add,
             remove = plan.summary.remove,
             update = plan.summary.update,
