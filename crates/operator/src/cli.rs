@@ -103,7 +103,8 @@ pub struct RunArgs {
     /// Which cloud to write.
     #[arg(long, value_enum, default_value_t = ProviderName::Memory, env = "NPF_PROVIDER")]
     pub provider: ProviderName,
-    /// The in-memory provider's state file (JSON): read at start if it exists.
+    /// The in-memory provider's state file (JSON): read at start if it exists, written after
+    /// every apply and at shutdown.
     #[arg(long)]
     pub state: Option<PathBuf>,
     /// Plan and report (logs, events, conditions marked as dry run); never write to the cloud.
@@ -417,7 +418,10 @@ async fn run_controller(args: RunArgs) -> Result<u8> {
         http_addr: Some(args.metrics_addr),
         ..Settings::default()
     };
-    let provider = Arc::new(controller::backend::Shared(backend.clone()));
+    let provider = Arc::new(controller::backend::Shared(
+        backend.clone(),
+        args.state.clone(),
+    ));
     let ctx = Context::new(client, provider, config, settings);
     let stats = backend.clone();
     ctx.metrics.set_cloud_source(

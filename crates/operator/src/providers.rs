@@ -54,7 +54,12 @@ impl Backend {
                 let state = p.snapshot().map_err(|e| provider_error("memory", e))?;
                 let text =
                     serde_json::to_string_pretty(&state).map_err(|e| Error::Io(e.to_string()))?;
-                std::fs::write(path, text + "\n")
+                // Written aside, then renamed: a crash mid-write leaves the old state whole.
+                let mut aside = path.as_os_str().to_owned();
+                aside.push(".tmp");
+                let aside = std::path::PathBuf::from(aside);
+                std::fs::write(&aside, text + "\n")
+                    .and_then(|()| std::fs::rename(&aside, path))
                     .map_err(|e| Error::Io(format!("cannot write {}: {e}", path.display())))
             }
             _ => Ok(()),

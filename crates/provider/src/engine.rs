@@ -71,7 +71,9 @@ pub async fn plan_with_cache(
     targets.sort();
     targets.dedup();
     // Forget targets no pool maps to any more, so the cache cannot grow without bound.
-    observed.targets.retain(|t, _| targets.binary_search(t).is_ok());
+    observed
+        .targets
+        .retain(|t, _| targets.binary_search(t).is_ok());
 
     let unseen: Vec<Target> = targets
         .iter()
@@ -216,4 +218,133 @@ pub async fn apply(provider: &dyn Provider, plan: &Plan) -> Vec<(Target, ApplyOu
         .await;
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use nodeport_firewall_model::{Config, NodeSpec, PoolName, ServiceSpec, desired};
+
+    use super::*;
+    use crate::memory::{MemoryConfig, MemoryProvider};
+
+    const POOL_LABEL: &str = "nodeport-firewall.io/pool";
+
+    fn config() -> Config {
+        let mut c = Config::new("demo");
+        for p in ["a", "b"] {
+            c.pools.insert(PoolName::new(p), Default::default());
+        }
+        c
+    }
+
+    fn nodes() -> Vec<NodeSpec> {
+        vec![
+            NodeSpec::new("n-a").with_label(POOL_LABEL, "a"),
+            NodeSpec::new("n-b").with_label(POOL_LABEL, "b"),
+        ]
+    }
+
+    fn web(pools: &str, ranges: &str) -> ServiceSpec {
+        ServiceSpec::nodeport("shop", "web")
+            .with_port("http", "TCP", 80, 30080)
+            .with_annotation("nodeport-firewall.io/enabled", "true")
+            .with_annotation("nodeport-firewall.io/node-pools", pools)
+            .with_ranges(ranges)
+    }
+
+    /// Plans with the cache; returns the plan and the observe calls it made.
+    async fn plan_counting(
+        p: &MemoryProvider,
+        services: &[ServiceSpec],
+        observed: &mut Observed,
+    ) -> (Plan, usize) {
+        let config = config();
+        let before = p.calls.observes.load(Ordering::SeqCst);
+        let d = desired(&config, services, &nodes());
+        let plan = plan_with_cache(p, &config, &d, observed).await;
+        let reads = p.calls.observes.load(Ordering::SeqCst) - before;
+        assert_eq!(reads, observed.last_reads, "last_reads counts the reads");
+        (plan, reads)
+    }
+
+    #[tokio::test]
+    async fn only_targets_whose_plan_changes_are_read_again() {
+        let p = MemoryProvider::new("demo", MemoryConfig::default());
+        let mut observed = Observed::default();
+        let both = [web("a,b", "10.0.0.0/8")];
+
+        // Nothing seen yet: every target is read once.
+        let (plan, reads) = plan_counting(&p, &both, &mut observed).await;
+        assert_eq!((reads, plan.summary.add), (2, 2));
+        for (target, outcome) in apply(&p, &plan).await {
+            assert!(
+                matches!(outcome, ApplyOutcome::Applied { .. }),
+                "{outcome:?}"
+            );
+            observed.forget(&target);
+        }
+
+        // Both were written: both are read again, and the plan is empty.
+        let (plan, reads) = plan_counting(&p, &both, &mut observed).await;
+        assert_eq!((reads, plan.has_changes()), (2, false));
+
+        // Nothing changed: nothing is read, and every target is still planned.
+        let (plan, reads) = plan_counting(&p, &both, &mut observed).await;
+        assert_eq!(
+            (reads, plan.targets.len(), plan.has_changes()),
+            (0, 2, false)
+        );
+
+        // The Service leaves pool a: only a's target is read, and it loses the rule.
+        let b_only = [web("b", "10.0.0.0/8")];
+        let (plan, reads) = plan_counting(&p, &b_only, &mut observed).await;
+        assert_eq!(reads, 1);
+        let writes: Vec<&Target> = plan
+            .targets
+            .iter()
+            .filter(|t| t.has_writes())
+            .map(|t| &t.target)
+            .collect();
+        assert_eq!(writes.len(), 1);
+        assert_eq!(writes[0].id, "a");
+        assert_eq!(plan.summary.remove, 1);
+    }
+
+    #[tokio::test]
+    async fn drift_is_seen_only_once_the_cache_is_cleared() {
+        let p = MemoryProvider::new("demo", MemoryConfig::default());
+        let mut observed = Observed::default();
+        let both = [web("a,b", "10.0.0.0/8")];
+        let (plan, _) = plan_counting(&p, &both, &mut observed).await;
+        apply(&p, &plan).await;
+        observed.clear();
+        let (plan, _) = plan_counting(&p, &both, &mut observed).await;
+        assert!(!plan.has_changes());
+
+        // Our rule on b deleted behind our back: the cached view does not know...
+        let mut state = p.snapshot().unwrap();
+        state.targets.get_mut("b").unwrap().clear();
+        p.load(state).unwrap();
+        let (plan, reads) = plan_counting(&p, &both, &mut observed).await;
+        assert_eq!((reads, plan.has_changes()), (0, false));
+        // ...a resync (cleared cache) reads every target and puts it back.
+        observed.clear();
+        let (plan, reads) = plan_counting(&p, &both, &mut observed).await;
+        assert_eq!((reads, plan.summary.add), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn a_target_no_pool_maps_to_is_forgotten() {
+        let p = MemoryProvider::new("demo", MemoryConfig::default());
+        let mut observed = Observed::default();
+        plan_counting(&p, &[web("a,b", "10.0.0.0/8")], &mut observed).await;
+        assert_eq!(observed.len(), 2);
+        let mut config = config();
+        config.pools.get_mut(&PoolName::new("b")).unwrap().managed = Some(false);
+        let d = desired(&config, &[web("a", "10.0.0.0/8")], &nodes());
+        plan_with_cache(&p, &config, &d, &mut observed).await;
+        assert_eq!(observed.len(), 1);
+    }
 }

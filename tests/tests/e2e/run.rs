@@ -316,7 +316,9 @@ fn run_against_moto_follows_services_and_repairs_drift() {
         "30080-30080 10.2.0.0/16".to_string(),
         "30081-30081 10.3.0.0/16".to_string(),
     ];
-    eventually("api's rule on b", 30, &op, || ingress(&moto, &b).0 == with_api);
+    eventually("api's rule on b", 30, &op, || {
+        ingress(&moto, &b).0 == with_api
+    });
     assert_eq!(
         op.cloud_calls("DescribeSecurityGroupRules") - d2,
         1.0,
@@ -444,6 +446,47 @@ fn run_with_two_replicas_only_the_lease_holder_writes() {
         ingress(&moto, &a).0 == vec!["30080-30080 10.1.0.0/16".to_string()]
     });
     assert!(two.stop().success());
+}
+
+#[test]
+fn run_with_the_memory_provider_saves_its_state_after_every_apply() {
+    let api = ApiServer::spawn();
+    api.put("Node", node("n1", "a"), "ADDED");
+    api.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
+    let dir = Scratch::new();
+    let config = dir.write("config.yaml", "clusterName: e2e\npoolLabels: [pool]\n");
+    let state = dir.path("state.json");
+    let op = Operator::start(
+        &api,
+        &dir,
+        "one",
+        &config,
+        &[
+            "--provider",
+            "memory",
+            "--state",
+            &state.display().to_string(),
+            "--debounce",
+            "100ms",
+        ],
+    );
+    let rules = || -> Vec<String> {
+        let text = std::fs::read_to_string(&state).unwrap_or_default();
+        let v: Value = serde_json::from_str(&text).unwrap_or_default();
+        v["targets"]["a"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| format!("{} {}", r["ports"], r["sources"]))
+            .collect()
+    };
+    // Saved while the operator runs, not only when it stops.
+    eventually("the rule in the state file", 30, &op, || rules().len() == 1);
+    api.put("Service", service("web", 30080, "10.1.0.0/16"), "DELETED");
+    eventually("the rule gone from the state file", 30, &op, || {
+        rules().is_empty()
+    });
+    assert!(op.stop().success());
 }
 
 // ---------------------------------------------------------------------------------------

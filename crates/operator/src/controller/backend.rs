@@ -1,18 +1,23 @@
 //! The CLI's [`Backend`] as a shared provider, and its cloud API call counts for metrics.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use nodeport_firewall_provider::{
-    ApplyReport, Observation, PoolTarget, PoolView, Provider, Render, Result, Target, TargetPlan,
+    ApplyReport, ManualSteps, Observation, PoolTarget, PoolView, Provider, Render, Result, Target,
+    TargetPlan,
 };
+use tracing::warn;
 
 use super::metrics::CallSnapshot;
 use crate::providers::Backend;
 
-/// A [`Backend`] behind an `Arc`, usable as `Arc<dyn Provider>`.
+/// A [`Backend`] behind an `Arc`, usable as `Arc<dyn Provider>`. With a state file, the
+/// in-memory provider's state is saved after every apply, so that a killed `run` loses
+/// nothing it wrote.
 #[derive(Debug, Clone)]
-pub struct Shared(pub Arc<Backend>);
+pub struct Shared(pub Arc<Backend>, pub Option<PathBuf>);
 
 #[async_trait]
 impl Provider for Shared {
@@ -29,10 +34,17 @@ impl Provider for Shared {
         self.0.provider().observe(target).await
     }
     async fn apply(&self, plan: &TargetPlan) -> Result<ApplyReport> {
-        self.0.provider().apply(plan).await
+        let r = self.0.provider().apply(plan).await;
+        if let Err(e) = self.0.save_state(self.1.as_deref()) {
+            warn!(error = %e, "cannot save the memory provider's state");
+        }
+        r
     }
     async fn preflight(&self, target: &Target) -> Result<Vec<String>> {
         self.0.provider().preflight(target).await
+    }
+    fn manual_steps(&self, plan: &TargetPlan) -> Option<ManualSteps> {
+        self.0.provider().manual_steps(plan)
     }
 }
 

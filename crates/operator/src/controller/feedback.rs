@@ -364,7 +364,10 @@ struct EventSink {
 impl EventSink {
     async fn publish(&self, report: &Report, regarding: &ObjectReference) -> kube::Result<()> {
         let now = Timestamp::now();
-        let namespace = regarding.namespace.clone().unwrap_or_else(|| "default".into());
+        let namespace = regarding
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let event = K8sEvent {
             action: Some("Reconcile".into()),
             reason: Some(report.reason.clone()),

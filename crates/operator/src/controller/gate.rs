@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use nodeport_firewall_provider::{
-    ApplyReport, Error, ErrorKind, Observation, PoolTarget, PoolView, Provider, Render, Result,
-    Target, TargetPlan,
+    ApplyReport, Error, ErrorKind, ManualSteps, Observation, PoolTarget, PoolView, Provider,
+    Render, Result, Target, TargetPlan,
 };
 
 use super::leader::Leadership;
@@ -115,5 +115,9 @@ impl Provider for Gated {
 
     async fn preflight(&self, target: &Target) -> Result<Vec<String>> {
         self.inner.preflight(target).await
+    }
+
+    fn manual_steps(&self, plan: &TargetPlan) -> Option<ManualSteps> {
+        self.inner.manual_steps(plan)
     }
 }

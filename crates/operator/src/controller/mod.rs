@@ -208,7 +208,7 @@ pub async fn run(
         let mut stop = stopping.clone();
         tokio::select! {
             r = caches.wait_until_ready() => r?,
-            _ = stop.wait_for(|s| *s) => return Ok(()),
+            _ = stopped(&mut stop) => return Ok(()),
         }
         ctx.health.synced.store(true, Ordering::SeqCst);
         info!(
@@ -231,6 +231,12 @@ pub async fn run(
     }
     info!("controller stopped");
     result
+}
+
+/// Completes once shutdown has begun. The guard `wait_for` returns is dropped here, so that
+/// the controller's future stays `Send`.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 struct Loop<'a> {
@@ -262,7 +268,7 @@ impl Loop<'_> {
             self.ctx.metrics.leader.set(i64::from(leader));
             tokio::select! {
                 biased;
-                _ = stop.wait_for(|s| *s) => break,
+                _ = stopped(&mut stop) => break,
                 r = leader_rx.changed() => {
                     if r.is_err() { continue; }
                     if *leader_rx.borrow_and_update() {
@@ -325,8 +331,7 @@ impl Loop<'_> {
         let d = desired(&ctx.config, &inputs.0, &inputs.1);
         drop(inputs);
         let plan =
-            engine::plan_with_cache(self.gated.as_ref(), &ctx.config, &d, &mut self.observed)
-                .await;
+            engine::plan_with_cache(self.gated.as_ref(), &ctx.config, &d, &mut self.observed).await;
         let applied = if s.dry_run {
             if plan.has_changes() {
                 info!(
