@@ -34,7 +34,7 @@ use nodeport_firewall_model::{
 use nodeport_firewall_provider::{
     ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy,
 };
-use tracing::{debug, warn};
+use tracing::debug;
 
 pub use config::{AwsConfig, AwsPoolConfig, RetrySettings};
 pub use stats::{CallStats, OpStats};
@@ -201,30 +201,15 @@ impl AwsProvider {
     }
 
     /// Runs one EC2 operation: counted, retried when throttled or transient, errors mapped.
-    async fn call<T, E, F, Fut>(&self, op: &str, mut f: F) -> Result<T>
+    async fn call<T, E, F, Fut>(&self, op: &str, f: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = std::result::Result<T, SdkError<E>>>,
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
-        let out = self
-            .retry
-            .run(
-                || {
-                    self.stats.call(op);
-                    let fut = f();
-                    async move { fut.await.map_err(|e| error::map_sdk_error(op, e)) }
-                },
-                |e, wait| {
-                    self.stats.retry(op);
-                    warn!(operation = op, error = %e, wait_ms = wait.as_millis() as u64, "retrying EC2 call");
-                },
-            )
-            .await;
-        if out.is_err() {
-            self.stats.error(op);
-        }
-        out
+        self.retry
+            .call(&self.stats, "EC2", op, f, error::map_sdk_error)
+            .await
     }
 
     fn cached_resolution(&self, key: &CacheKey) -> Option<Vec<String>> {
@@ -984,18 +969,11 @@ impl Provider for AwsProvider {
             return Ok(to_targets(&groups));
         }
         let by_instance = self.instance_groups(&ids).await.map_err(|e| {
-            let mut d = Error::new(
-                ErrorKind::Discovery,
-                format!(
-                    "pool {}: cannot read its instances: {}",
-                    pool.name, e.message
-                ),
+            let message = format!(
+                "pool {}: cannot read its instances: {}",
+                pool.name, e.message
             );
-            if e.kind == ErrorKind::PermissionDenied || e.is_retryable() {
-                d.kind = e.kind;
-            }
-            d.code = e.code;
-            d
+            e.into_discovery(message)
         })?;
         let missing: Vec<&String> = ids
             .iter()

@@ -250,29 +250,14 @@ impl AzureProvider {
     }
 
     /// Runs one ARM operation: counted, retried when throttled or transient, errors mapped.
-    async fn call<T, F, Fut>(&self, op: &str, mut f: F) -> Result<T>
+    async fn call<T, F, Fut>(&self, op: &str, f: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = azure_core::Result<T>>,
     {
-        let out = self
-            .retry
-            .run(
-                || {
-                    self.stats.call(op);
-                    let fut = f();
-                    async move { fut.await.map_err(|e| error::map(op, &e)) }
-                },
-                |e, wait| {
-                    self.stats.retry(op);
-                    warn!(operation = op, error = %e, wait_ms = wait.as_millis() as u64, "retrying ARM call");
-                },
-            )
-            .await;
-        if out.is_err() {
-            self.stats.error(op);
-        }
-        out
+        self.retry
+            .call(&self.stats, "ARM", op, f, |op, e| error::map(op, &e))
+            .await
     }
 
     fn writer(&self, nsg: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -383,18 +368,11 @@ impl AzureProvider {
             return Ok((nsg, found));
         }
         let as_discovery = |e: Error| {
-            let mut d = Error::new(
-                ErrorKind::Discovery,
-                format!(
-                    "pool {}: cannot read its VMSS network interfaces: {}; or set pools.{}.azure.networkSecurityGroup and a destination",
-                    pool.name, e.message, pool.name
-                ),
+            let message = format!(
+                "pool {}: cannot read its VMSS network interfaces: {}; or set pools.{}.azure.networkSecurityGroup and a destination",
+                pool.name, e.message, pool.name
             );
-            if e.kind == ErrorKind::PermissionDenied || e.is_retryable() {
-                d.kind = e.kind;
-            }
-            d.code = e.code;
-            d
+            e.into_discovery(message)
         };
         let mut nics = Vec::new();
         for v in &vmss {

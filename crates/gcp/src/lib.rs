@@ -250,29 +250,16 @@ impl GcpProvider {
     }
 
     /// Runs one Compute call: counted, retried when throttled or transient, errors mapped.
-    async fn call<T, F, Fut>(&self, op: &str, mut f: F) -> Result<T>
+    async fn call<T, F, Fut>(&self, op: &str, f: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = std::result::Result<T, google_cloud_gax::error::Error>>,
     {
-        let out = self
-            .retry
-            .run(
-                || {
-                    self.stats.call(op);
-                    let fut = f();
-                    async move { fut.await.map_err(|e| error::map_sdk_error(op, &e)) }
-                },
-                |e, wait| {
-                    self.stats.retry(op);
-                    warn!(operation = op, error = %e, wait_ms = wait.as_millis() as u64, "retrying Compute call");
-                },
-            )
-            .await;
-        if out.is_err() {
-            self.stats.error(op);
-        }
-        out
+        self.retry
+            .call(&self.stats, "Compute", op, f, |op, e| {
+                error::map_sdk_error(op, &e)
+            })
+            .await
     }
 
     fn cached_resolution(&self, key: &CacheKey) -> Option<Scope> {
@@ -985,18 +972,11 @@ impl Provider for GcpProvider {
                 .filter(|k| k.split('/').next() == Some(p))
                 .collect();
             let found = self.instances_of(p, &needed).await.map_err(|e| {
-                let mut d = Error::new(
-                    ErrorKind::Discovery,
-                    format!(
-                        "pool {}: cannot read the instances of project {p}: {}",
-                        pool.name, e.message
-                    ),
+                let message = format!(
+                    "pool {}: cannot read the instances of project {p}: {}",
+                    pool.name, e.message
                 );
-                if e.kind == ErrorKind::PermissionDenied || e.is_retryable() {
-                    d.kind = e.kind;
-                }
-                d.code = e.code;
-                d
+                e.into_discovery(message)
             })?;
             all.extend(found.iter().map(|(k, v)| (k.clone(), v.clone())));
         }

@@ -85,6 +85,23 @@ impl Error {
         }
     }
 
+    /// A discovery failure caused by `self`, described by `message`. It stays a missing
+    /// permission or a retryable error when it was one (so the event names the right fix and
+    /// the reconcile is retried soon), else it is a discovery error; the cloud's code is kept.
+    pub fn into_discovery(self, message: String) -> Self {
+        let kind = if self.kind == ErrorKind::PermissionDenied || self.is_retryable() {
+            self.kind
+        } else {
+            ErrorKind::Discovery
+        };
+        Error {
+            kind,
+            code: self.code,
+            message,
+            retry_after: self.retry_after,
+        }
+    }
+
     pub fn with_code(mut self, code: impl Into<String>) -> Self {
         self.code = Some(code.into());
         self
@@ -102,3 +119,28 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discovery_errors_keep_permission_and_retryable_kinds() {
+        let cases = [
+            (ErrorKind::PermissionDenied, ErrorKind::PermissionDenied),
+            (ErrorKind::Throttled, ErrorKind::Throttled),
+            (ErrorKind::Transient, ErrorKind::Transient),
+            (ErrorKind::NotFound, ErrorKind::Discovery),
+            (ErrorKind::Invalid, ErrorKind::Discovery),
+            (ErrorKind::Other, ErrorKind::Discovery),
+        ];
+        for (cause, want) in cases {
+            let e = Error::new(cause, "denied")
+                .with_code("Code")
+                .into_discovery("pool a: cannot read its instances: denied".into());
+            assert_eq!(e.kind, want, "{cause}");
+            assert_eq!(e.code.as_deref(), Some("Code"));
+            assert_eq!(e.message, "pool a: cannot read its instances: denied");
+        }
+    }
+}

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use tracing::warn;
+
 use crate::error::{Error, Result};
+use crate::stats::CallStats;
 
 /// How a provider retries one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +79,41 @@ impl RetryPolicy {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Runs one cloud API call as every provider does: each attempt and each retry counted in
+    /// `stats` under `op`, retried like [`RetryPolicy::run`] with a warning that names `api`,
+    /// the SDK's error mapped to ours by `map`, and a final failure counted.
+    pub async fn call<T, E, F, Fut>(
+        &self,
+        stats: &CallStats,
+        api: &'static str,
+        op: &str,
+        mut f: F,
+        map: impl Fn(&str, E) -> Error,
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<T, E>>,
+    {
+        let map = &map;
+        let out = self
+            .run(
+                || {
+                    stats.call(op);
+                    let fut = f();
+                    async move { fut.await.map_err(|e| map(op, e)) }
+                },
+                |e, wait| {
+                    stats.retry(op);
+                    warn!(api, operation = op, error = %e, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "retrying cloud call");
+                },
+            )
+            .await;
+        if out.is_err() {
+            stats.error(op);
+        }
+        out
     }
 }
 
