@@ -409,7 +409,7 @@ fn check_rbac(objects: &BTreeMap<String, Value>, source: &str) {
         rule("", "services", &["get", "list", "watch"], &[]),
         rule("", "nodes", &["get", "list", "watch"], &[]),
         rule("", "services/status", &["patch"], &[]),
-        rule("events.k8s.io", "events", &["create", "patch"], &[]),
+        rule("events.k8s.io", "events", &["create"], &[]),
     ]
     .into_iter()
     .collect();
