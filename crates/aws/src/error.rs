@@ -73,7 +73,10 @@ where
         }
         SdkError::ConstructionFailure(_) => Error::new(
             ErrorKind::Invalid,
-            format!("EC2 {op}: cannot build the request: {}", source_text(&err)),
+            format!(
+                "EC2 {op}: cannot build the request: {}",
+                nodeport_firewall_provider::error::chain(&err)
+            ),
         ),
         _ => {
             let kind = match (&code, status) {
@@ -83,7 +86,7 @@ where
                 (_, Some(401 | 403)) => ErrorKind::PermissionDenied,
                 _ => ErrorKind::Other,
             };
-            let text = message.unwrap_or_else(|| source_text(&err));
+            let text = message.unwrap_or_else(|| nodeport_firewall_provider::error::chain(&err));
             let status = status.map(|s| format!(" (HTTP {s})")).unwrap_or_default();
             let e = Error::new(kind, format!("EC2 {op}: {text}{status}"));
             match code {
@@ -92,17 +95,6 @@ where
             }
         }
     }
-}
-
-fn source_text(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -28,11 +28,11 @@ use aws_sdk_ec2::types::{
 };
 use ipnet::IpNet;
 use nodeport_firewall_model::{
-    Action, Change, IpFamily, Limits, Observation, ObservedRule, PoolTarget, PortRange, Protocol,
-    Render, Rule, RuleContent, ShapeRenderer, Target, TargetPlan,
+    Change, IpFamily, Limits, Observation, ObservedRule, PoolTarget, PortRange, Protocol, Render,
+    Rule, RuleContent, ShapeRenderer, Target, TargetPlan,
 };
 use nodeport_firewall_provider::{
-    ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy,
+    ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy, Writes,
 };
 use tracing::debug;
 
@@ -1071,23 +1071,15 @@ impl Provider for AwsProvider {
     }
 
     async fn apply(&self, plan: &TargetPlan) -> Result<ApplyReport> {
-        if let Some(e) = &plan.error {
-            return Err(invalid(format!("refusing a plan with an error: {e}")));
-        }
+        let Writes {
+            removes,
+            updates,
+            adds,
+            existing: ids,
+        } = Writes::of(plan)?;
         let group = plan.target.id.as_str();
-        let removes: Vec<&Change> = plan.of(Action::Remove).collect();
-        let updates: Vec<&Change> = plan.of(Action::Update).collect();
-        let adds: Vec<&Change> = plan.of(Action::Add).collect();
 
         // Never change a rule that is not ours: check every id against what EC2 said.
-        let ids: Vec<&str> = removes
-            .iter()
-            .chain(updates.iter())
-            .map(|c| {
-                c.id.as_deref()
-                    .ok_or_else(|| invalid("change without a rule id"))
-            })
-            .collect::<Result<_>>()?;
         let seen = if ids.is_empty() {
             HashMap::new()
         } else {

@@ -37,7 +37,7 @@ use nodeport_firewall_model::{
     Render, Rule, RuleContent, Target, TargetPlan,
 };
 use nodeport_firewall_provider::{
-    ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy,
+    ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy, Writes,
 };
 use tracing::{debug, info, warn};
 
@@ -1089,24 +1089,16 @@ impl Provider for AzureProvider {
     }
 
     async fn apply(&self, plan: &TargetPlan) -> Result<ApplyReport> {
-        if let Some(e) = &plan.error {
-            return Err(invalid(format!("refusing a plan with an error: {e}")));
-        }
+        let Writes {
+            removes,
+            updates,
+            adds,
+            existing: names,
+        } = Writes::of(plan)?;
         let nsg = NsgId::parse(&plan.target.id).map_err(invalid)?;
         let writer = self.writer(&nsg.id());
         let _one_writer = writer.lock().await;
 
-        let removes: Vec<&Change> = plan.of(Action::Remove).collect();
-        let updates: Vec<&Change> = plan.of(Action::Update).collect();
-        let adds: Vec<&Change> = plan.of(Action::Add).collect();
-        let names: Vec<&str> = removes
-            .iter()
-            .chain(updates.iter())
-            .map(|c| {
-                c.id.as_deref()
-                    .ok_or_else(|| invalid("change without a rule name"))
-            })
-            .collect::<Result<_>>()?;
         let seen = self.seen_rules(&nsg, &names).await?;
         // Never change a rule that is not ours: check every name against what ARM said.
         for n in &names {

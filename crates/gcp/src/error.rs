@@ -60,7 +60,10 @@ pub fn map_sdk_error(op: &str, err: &google_cloud_gax::error::Error) -> Error {
     if err.is_connect() || err.is_io() || err.is_transport() {
         return Error::new(
             ErrorKind::Transient,
-            format!("Compute {op}: request not delivered: {}", source_text(err)),
+            format!(
+                "Compute {op}: request not delivered: {}",
+                nodeport_firewall_provider::error::chain(err)
+            ),
         );
     }
     if err.is_authentication() {
@@ -68,7 +71,7 @@ pub fn map_sdk_error(op: &str, err: &google_cloud_gax::error::Error) -> Error {
             ErrorKind::PermissionDenied,
             format!(
                 "Compute {op}: cannot get credentials (Application Default Credentials): {}",
-                source_text(err)
+                nodeport_firewall_provider::error::chain(err)
             ),
         )
         .with_code("authentication");
@@ -84,7 +87,7 @@ pub fn map_sdk_error(op: &str, err: &google_cloud_gax::error::Error) -> Error {
         .status()
         .map(|s| s.message.clone())
         .filter(|m| !m.is_empty())
-        .unwrap_or_else(|| source_text(err));
+        .unwrap_or_else(|| nodeport_firewall_provider::error::chain(err));
     let kind = if status.is_none() && (err.is_deserialization() || err.is_serialization()) {
         ErrorKind::Invalid
     } else {
@@ -131,17 +134,6 @@ pub fn map_operation_error(
         e = e.with_code(c);
     }
     e
-}
-
-fn source_text(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use nodeport_firewall_model::{
     PortRange, Protocol, Render, Rule, RuleContent, ServiceSet, ShapeRenderer, Target, TargetPlan,
 };
 use nodeport_firewall_provider::{
-    ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy,
+    ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy, Writes,
 };
 use tracing::{debug, info, warn};
 
@@ -1104,23 +1104,15 @@ impl Provider for GcpProvider {
     }
 
     async fn apply(&self, plan: &TargetPlan) -> Result<ApplyReport> {
-        if let Some(e) = &plan.error {
-            return Err(invalid(format!("refusing a plan with an error: {e}")));
-        }
+        let Writes {
+            removes,
+            updates,
+            adds,
+            existing: names,
+        } = Writes::of(plan)?;
         let target = &plan.target;
-        let removes: Vec<&Change> = plan.of(Action::Remove).collect();
-        let updates: Vec<&Change> = plan.of(Action::Update).collect();
-        let adds: Vec<&Change> = plan.of(Action::Add).collect();
 
         // Never change a rule that is not ours: check every name against what Compute said.
-        let names: Vec<&str> = removes
-            .iter()
-            .chain(updates.iter())
-            .map(|c| {
-                c.id.as_deref()
-                    .ok_or_else(|| invalid("change without a rule name"))
-            })
-            .collect::<Result<_>>()?;
         if !names.is_empty() {
             self.check_owned(target, &names).await?;
         }

@@ -78,6 +78,48 @@ pub struct ApplyReport {
     pub notes: Vec<String>,
 }
 
+/// A target plan's writes, as a provider carries them out.
+#[derive(Debug)]
+pub struct Writes<'a> {
+    pub removes: Vec<&'a Change>,
+    pub updates: Vec<&'a Change>,
+    pub adds: Vec<&'a Change>,
+    /// The ids (names) of the existing rules that the removes and updates touch: each must
+    /// be checked against what the cloud says is ours before anything is written.
+    pub existing: Vec<&'a str>,
+}
+
+impl<'a> Writes<'a> {
+    /// The writes of `plan`. A plan with an error is refused, and so is a remove or update
+    /// without the observed rule's id: nothing may be written for either.
+    pub fn of(plan: &'a TargetPlan) -> Result<Self> {
+        let invalid = |m: String| Error::new(ErrorKind::Invalid, m);
+        if let Some(e) = &plan.error {
+            return Err(invalid(format!("refusing a plan with an error: {e}")));
+        }
+        let removes: Vec<&Change> = plan.of(Action::Remove).collect();
+        let updates: Vec<&Change> = plan.of(Action::Update).collect();
+        let existing = removes
+            .iter()
+            .chain(updates.iter())
+            .map(|c| {
+                c.id.as_deref().ok_or_else(|| {
+                    invalid(format!(
+                        "{} without the id of the rule it changes",
+                        c.rule.content.protocol
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Writes {
+            removes,
+            updates,
+            adds: plan.of(Action::Add).collect(),
+            existing,
+        })
+    }
+}
+
 /// A cloud firewall backend. Providers read and write; only the planner decides.
 ///
 /// Every implementation must pass [`conformance::run_all`].
@@ -112,5 +154,74 @@ pub trait Provider: Send + Sync {
     /// a Shared VPC host project. `None` when the operator writes itself. Pure.
     fn manual_steps(&self, _plan: &TargetPlan) -> Option<ManualSteps> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nodeport_firewall_model::plan::Usage;
+    use nodeport_firewall_model::{IpFamily, Protocol};
+
+    fn change(action: Action, id: Option<&str>) -> Change {
+        Change {
+            action,
+            rule: Rule {
+                name: None,
+                content: RuleContent {
+                    scope: None,
+                    family: IpFamily::V4,
+                    protocol: Protocol::Tcp,
+                    ports: Vec::new(),
+                    sources: Vec::new(),
+                },
+                services: Default::default(),
+                pools: Default::default(),
+            },
+            id: id.map(str::to_string),
+            previous: None,
+            note: None,
+        }
+    }
+
+    fn plan(changes: Vec<Change>, error: Option<PlanError>) -> TargetPlan {
+        TargetPlan {
+            target: Target::new("memory", "t"),
+            pools: Default::default(),
+            changes,
+            error,
+            remove_first: false,
+            usage: Usage::default(),
+            manual: None,
+        }
+    }
+
+    #[test]
+    fn writes_split_a_plan_and_refuse_what_must_not_be_written() {
+        let ok = plan(
+            vec![
+                change(Action::Remove, Some("r1")),
+                change(Action::Update, Some("u1")),
+                change(Action::Add, None),
+                change(Action::Unchanged, Some("k1")),
+            ],
+            None,
+        );
+        let w = Writes::of(&ok).unwrap();
+        assert_eq!((w.removes.len(), w.updates.len(), w.adds.len()), (1, 1, 1));
+        assert_eq!(w.existing, vec!["r1", "u1"]);
+
+        let errored = plan(
+            vec![change(Action::Add, None)],
+            Some(PlanError::Observe {
+                message: "down".into(),
+            }),
+        );
+        let e = Writes::of(&errored).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid);
+        assert!(e.message.contains("refusing a plan with an error"), "{e}");
+
+        let anonymous = plan(vec![change(Action::Remove, None)], None);
+        assert_eq!(Writes::of(&anonymous).unwrap_err().kind, ErrorKind::Invalid);
     }
 }
