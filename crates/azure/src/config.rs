@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use nodeport_firewall_provider::{Error, ErrorKind, Result, RetryPolicy};
+use nodeport_firewall_provider::{Error, ErrorKind, Result};
 use serde::{Deserialize, Serialize};
 
 /// The `azure:` section of the operator config.
@@ -172,37 +172,11 @@ impl PriorityBand {
     }
 }
 
-/// Retries of throttled and transient failures (the SDK's own retries are off).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct RetrySettings {
-    /// Attempts in all, the first included.
-    pub max_attempts: u32,
-    pub base_delay_millis: u64,
-    pub max_delay_millis: u64,
-}
+pub use nodeport_firewall_provider::retry::RetrySettings;
 
-impl Default for RetrySettings {
-    fn default() -> Self {
-        let p = RetryPolicy::default();
-        RetrySettings {
-            max_attempts: p.max_attempts,
-            base_delay_millis: u64::try_from(p.base_delay.as_millis()).unwrap_or(200),
-            // ARM asks for up to a minute when an NSG is busy.
-            max_delay_millis: 60_000,
-        }
-    }
-}
-
-impl RetrySettings {
-    pub fn policy(&self) -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: self.max_attempts.max(1),
-            base_delay: Duration::from_millis(self.base_delay_millis),
-            max_delay: Duration::from_millis(self.max_delay_millis.max(self.base_delay_millis)),
-        }
-    }
-}
+/// The longest wait between two attempts when `retry.maxDelayMillis` is unset: ARM asks for
+/// up to a minute when an NSG is busy.
+pub const DEFAULT_MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 
 /// The `azure:` section of `pools.<name>`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

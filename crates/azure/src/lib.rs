@@ -225,7 +225,9 @@ impl AzureProvider {
         let book = MarkerBook::default();
         Ok(AzureProvider {
             cluster: cluster.to_string(),
-            retry: config.retry.policy(),
+            retry: config
+                .retry
+                .policy_with_max_delay(config::DEFAULT_MAX_RETRY_DELAY),
             config,
             client,
             http,

@@ -192,6 +192,34 @@ mod tests {
         let long = plain.with_retry_after(Duration::from_secs(3600));
         assert_eq!(p.delay(0, &long), p.max_delay);
     }
+
+    #[test]
+    fn settings_fill_in_the_providers_longest_wait() {
+        let parse = |json: &str| -> RetrySettings { serde_json::from_str(json).unwrap() };
+        let minute = Duration::from_secs(60);
+        let cases = [
+            ("{}", Duration::from_secs(20), minute),
+            (r#"{"maxAttempts": 3}"#, Duration::from_secs(20), minute),
+            (
+                r#"{"maxDelayMillis": 5000}"#,
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+            ),
+            // The longest wait is never shorter than the first.
+            (
+                r#"{"baseDelayMillis": 9000, "maxDelayMillis": 10}"#,
+                Duration::from_secs(9),
+                Duration::from_secs(9),
+            ),
+        ];
+        for (json, plain, azure) in cases {
+            let s = parse(json);
+            assert_eq!(s.policy().max_delay, plain, "{json}");
+            assert_eq!(s.policy_with_max_delay(minute).max_delay, azure, "{json}");
+        }
+        assert_eq!(parse(r#"{"maxAttempts": 0}"#).policy().max_attempts, 1);
+        assert!(serde_json::from_str::<RetrySettings>(r#"{"maxDelay": 1}"#).is_err());
+    }
 }
 
 /// The `retry:` section of a provider's config: retries of throttled and transient
@@ -202,7 +230,10 @@ pub struct RetrySettings {
     /// Attempts in all, the first included.
     pub max_attempts: u32,
     pub base_delay_millis: u64,
-    pub max_delay_millis: u64,
+    /// The longest wait. Unset: the provider's own (20 s; Azure 60 s, as ARM asks for up to
+    /// a minute when an NSG is busy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_delay_millis: Option<u64>,
 }
 
 impl Default for RetrySettings {
@@ -211,17 +242,27 @@ impl Default for RetrySettings {
         RetrySettings {
             max_attempts: p.max_attempts,
             base_delay_millis: u64::try_from(p.base_delay.as_millis()).unwrap_or(200),
-            max_delay_millis: u64::try_from(p.max_delay.as_millis()).unwrap_or(20_000),
+            max_delay_millis: None,
         }
     }
 }
 
 impl RetrySettings {
+    /// The policy, with the default longest wait (20 s) when none is set.
     pub fn policy(&self) -> RetryPolicy {
+        self.policy_with_max_delay(RetryPolicy::default().max_delay)
+    }
+
+    /// The policy, with `default_max_delay` as the longest wait when none is set.
+    pub fn policy_with_max_delay(&self, default_max_delay: Duration) -> RetryPolicy {
+        let max_delay = self
+            .max_delay_millis
+            .map_or(default_max_delay, Duration::from_millis);
+        let base_delay = Duration::from_millis(self.base_delay_millis);
         RetryPolicy {
             max_attempts: self.max_attempts.max(1),
-            base_delay: Duration::from_millis(self.base_delay_millis),
-            max_delay: Duration::from_millis(self.max_delay_millis.max(self.base_delay_millis)),
+            base_delay,
+            max_delay: max_delay.max(base_delay),
         }
     }
 }
