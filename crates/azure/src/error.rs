@@ -143,17 +143,7 @@ fn find_arm(err: &azure_core::Error) -> Option<&ArmError> {
     }
 }
 
-/// An error and its sources, on one line.
-pub fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
-}
+pub use nodeport_firewall_provider::error::chain;
 
 #[cfg(test)]
 mod tests {
