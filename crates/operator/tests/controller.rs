@@ -54,7 +54,7 @@ struct Running {
 fn spawn(server: &ApiServer, provider: Arc<MemoryProvider>, settings: Settings) -> Running {
     let ctx = Context::new(client(server), provider, config(), settings);
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::task::spawn_local(controller::run(ctx, async move {
+    let task = tokio::spawn(controller::run(ctx, async move {
         let _ = rx.await;
     }));
     Running { stop, task }
@@ -77,282 +77,256 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
-/// The controller's futures are run on a LocalSet, as the binary runs them with block_on.
-async fn local<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::LocalSet::new().run_until(f).await
-}
-
 fn memory() -> Arc<MemoryProvider> {
     Arc::new(MemoryProvider::from_config("test", None).unwrap())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converges_then_removes_a_deleted_services_rules() {
-    local(async {
-        let server = ApiServer::start().await;
-        server.put("Node", node("n1", "a"), "ADDED");
-        server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
-        server.put("Service", service("api", 30090, "10.2.0.0/16"), "ADDED");
-        let p = memory();
-        let run = spawn(&server, p.clone(), settings());
-        eventually("two rules", || {
-            rules(&p).get("a").is_some_and(|r| r.len() == 2)
-        })
-        .await;
-        assert_eq!(
-            rules(&p)["a"],
-            vec![
-                "30080 10.1.0.0/16".to_string(),
-                "30090 10.2.0.0/16".to_string()
-            ]
-        );
-        server.put("Service", service("api", 30090, "10.2.0.0/16"), "DELETED");
-        eventually("one rule", || rules(&p)["a"].len() == 1).await;
-        assert_eq!(rules(&p)["a"], vec!["30080 10.1.0.0/16".to_string()]);
-        // Feedback: a Normal event and a True condition.
-        let events = server.events();
-        assert!(
-            events
-                .iter()
-                .any(|e| e["reason"] == "RulesUpdated" && e["type"] == "Normal")
-        );
-        let patches = server.status_patches();
-        assert!(patches.iter().any(|p| p["status"]["conditions"][0]["type"]
-            == "NodePortFirewallSynced"
-            && p["status"]["conditions"][0]["status"] == "True"));
-        run.stop().await;
+    let server = ApiServer::start().await;
+    server.put("Node", node("n1", "a"), "ADDED");
+    server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
+    server.put("Service", service("api", 30090, "10.2.0.0/16"), "ADDED");
+    let p = memory();
+    let run = spawn(&server, p.clone(), settings());
+    eventually("two rules", || {
+        rules(&p).get("a").is_some_and(|r| r.len() == 2)
     })
     .await;
+    assert_eq!(
+        rules(&p)["a"],
+        vec![
+            "30080 10.1.0.0/16".to_string(),
+            "30090 10.2.0.0/16".to_string()
+        ]
+    );
+    server.put("Service", service("api", 30090, "10.2.0.0/16"), "DELETED");
+    eventually("one rule", || rules(&p)["a"].len() == 1).await;
+    assert_eq!(rules(&p)["a"], vec!["30080 10.1.0.0/16".to_string()]);
+    // Feedback: a Normal event and a True condition.
+    let events = server.events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["reason"] == "RulesUpdated" && e["type"] == "Normal")
+    );
+    let patches = server.status_patches();
+    assert!(patches.iter().any(|p| p["status"]["conditions"][0]["type"]
+        == "NodePortFirewallSynced"
+        && p["status"]["conditions"][0]["status"] == "True"));
+    run.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_planned_before_the_caches_sync() {
-    local(async {
-        let server = ApiServer::start().await;
-        server.put("Node", node("n1", "a"), "ADDED");
-        server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
-        server.set_list_delay(Duration::from_millis(1500));
-        let p = memory();
-        // A rule of ours for a Service the slow list will show: an empty view would delete it.
-        let run = spawn(&server, p.clone(), settings());
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        assert_eq!(
-            p.calls.resolves.load(std::sync::atomic::Ordering::SeqCst),
-            0
-        );
-        assert_eq!(p.calls.applies.load(std::sync::atomic::Ordering::SeqCst), 0);
-        eventually("the rule", || {
-            rules(&p).get("a").is_some_and(|r| r.len() == 1)
-        })
-        .await;
-        run.stop().await;
+    let server = ApiServer::start().await;
+    server.put("Node", node("n1", "a"), "ADDED");
+    server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
+    server.set_list_delay(Duration::from_millis(1500));
+    let p = memory();
+    // A rule of ours for a Service the slow list will show: an empty view would delete it.
+    let run = spawn(&server, p.clone(), settings());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        p.calls.resolves.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    assert_eq!(p.calls.applies.load(std::sync::atomic::Ordering::SeqCst), 0);
+    eventually("the rule", || {
+        rules(&p).get("a").is_some_and(|r| r.len() == 1)
     })
     .await;
+    run.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_annotation_warns_and_keeps_rules() {
-    local(async {
-        let server = ApiServer::start().await;
-        server.put("Node", node("n1", "a"), "ADDED");
-        server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
-        let p = memory();
-        let run = spawn(&server, p.clone(), settings());
-        eventually("the rule", || {
-            rules(&p).get("a").is_some_and(|r| r.len() == 1)
-        })
-        .await;
-        server.put("Service", service("web", 30080, "not-a-cidr"), "MODIFIED");
-        eventually("a warning", || {
-            server
-                .events()
-                .iter()
-                .any(|e| e["type"] == "Warning" && e["reason"] == "InvalidAnnotation")
-        })
-        .await;
-        let patches = server.status_patches();
-        let last = patches.last().unwrap();
-        assert_eq!(last["status"]["conditions"][0]["status"], "False");
-        assert_eq!(
-            last["status"]["conditions"][0]["reason"],
-            "InvalidAnnotation"
-        );
-        assert_eq!(rules(&p)["a"], vec!["30080 10.1.0.0/16".to_string()]);
-        run.stop().await;
+    let server = ApiServer::start().await;
+    server.put("Node", node("n1", "a"), "ADDED");
+    server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
+    let p = memory();
+    let run = spawn(&server, p.clone(), settings());
+    eventually("the rule", || {
+        rules(&p).get("a").is_some_and(|r| r.len() == 1)
     })
     .await;
+    server.put("Service", service("web", 30080, "not-a-cidr"), "MODIFIED");
+    eventually("a warning", || {
+        server
+            .events()
+            .iter()
+            .any(|e| e["type"] == "Warning" && e["reason"] == "InvalidAnnotation")
+    })
+    .await;
+    let patches = server.status_patches();
+    let last = patches.last().unwrap();
+    assert_eq!(last["status"]["conditions"][0]["status"], "False");
+    assert_eq!(
+        last["status"]["conditions"][0]["reason"],
+        "InvalidAnnotation"
+    );
+    assert_eq!(rules(&p)["a"], vec!["30080 10.1.0.0/16".to_string()]);
+    run.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_writes_nothing() {
-    local(async {
-        let server = ApiServer::start().await;
-        server.put("Node", node("n1", "a"), "ADDED");
-        server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
-        let p = memory();
-        let run = spawn(
-            &server,
-            p.clone(),
-            Settings {
-                dry_run: true,
-                ..settings()
-            },
-        );
-        eventually("a dry-run event", || {
-            server
-                .events()
-                .iter()
-                .any(|e| e["reason"] == "DryRunChangesPending")
-        })
-        .await;
-        assert_eq!(p.calls.applies.load(std::sync::atomic::Ordering::SeqCst), 0);
-        assert!(rules(&p).values().all(|r| r.is_empty()));
-        let patches = server.status_patches();
-        assert!(
-            patches[0]["status"]["conditions"][0]["message"]
-                .as_str()
-                .unwrap()
-                .starts_with("[dry run]")
-        );
-        run.stop().await;
+    let server = ApiServer::start().await;
+    server.put("Node", node("n1", "a"), "ADDED");
+    server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
+    let p = memory();
+    let run = spawn(
+        &server,
+        p.clone(),
+        Settings {
+            dry_run: true,
+            ..settings()
+        },
+    );
+    eventually("a dry-run event", || {
+        server
+            .events()
+            .iter()
+            .any(|e| e["reason"] == "DryRunChangesPending")
     })
     .await;
+    assert_eq!(p.calls.applies.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(rules(&p).values().all(|r| r.is_empty()));
+    let patches = server.status_patches();
+    assert!(
+        patches[0]["status"]["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("[dry run]")
+    );
+    run.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resync_without_changes_is_silent() {
-    local(async {
-        let server = ApiServer::start().await;
-        server.put("Node", node("n1", "a"), "ADDED");
-        server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
-        let p = memory();
-        let run = spawn(
-            &server,
-            p.clone(),
-            Settings {
-                resync: Duration::from_millis(300),
-                ..settings()
-            },
-        );
-        eventually("the rule", || {
-            rules(&p).get("a").is_some_and(|r| r.len() == 1)
-        })
-        .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let events = server.events().len();
-        let patches = server.status_patches().len();
-        let applies = p.calls.applies.load(std::sync::atomic::Ordering::SeqCst);
-        let observes = p.calls.observes.load(std::sync::atomic::Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        assert!(
-            p.calls.observes.load(std::sync::atomic::Ordering::SeqCst) > observes,
-            "resyncs re-observe"
-        );
-        assert_eq!(server.events().len(), events);
-        assert_eq!(server.status_patches().len(), patches);
-        assert_eq!(
-            p.calls.applies.load(std::sync::atomic::Ordering::SeqCst),
-            applies
-        );
-        run.stop().await;
+    let server = ApiServer::start().await;
+    server.put("Node", node("n1", "a"), "ADDED");
+    server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
+    let p = memory();
+    let run = spawn(
+        &server,
+        p.clone(),
+        Settings {
+            resync: Duration::from_millis(300),
+            ..settings()
+        },
+    );
+    eventually("the rule", || {
+        rules(&p).get("a").is_some_and(|r| r.len() == 1)
     })
     .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = server.events().len();
+    let patches = server.status_patches().len();
+    let applies = p.calls.applies.load(std::sync::atomic::Ordering::SeqCst);
+    let observes = p.calls.observes.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        p.calls.observes.load(std::sync::atomic::Ordering::SeqCst) > observes,
+        "resyncs re-observe"
+    );
+    assert_eq!(server.events().len(), events);
+    assert_eq!(server.status_patches().len(), patches);
+    assert_eq!(
+        p.calls.applies.load(std::sync::atomic::Ordering::SeqCst),
+        applies
+    );
+    run.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_lease_holder_writes() {
-    local(async {
-        use nodeport_firewall::controller::leader::LeaseConfig;
-        let server = ApiServer::start().await;
-        server.put("Node", node("n1", "a"), "ADDED");
-        server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
-        let lease = |id: &str| LeaseConfig {
-            namespace: "ops".into(),
-            name: "npf".into(),
-            identity: id.into(),
-            lease_duration: Duration::from_secs(3),
-            renew_period: Duration::from_millis(500),
-        };
-        let p1 = memory();
-        let r1 = spawn(
-            &server,
-            p1.clone(),
-            Settings {
-                lease: Some(lease("one")),
-                ..settings()
-            },
-        );
-        eventually("leader writes", || {
-            rules(&p1).get("a").is_some_and(|r| r.len() == 1)
-        })
-        .await;
-        let p2 = memory();
-        let r2 = spawn(
-            &server,
-            p2.clone(),
-            Settings {
-                lease: Some(lease("two")),
-                ..settings()
-            },
-        );
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert_eq!(
-            p2.calls.applies.load(std::sync::atomic::Ordering::SeqCst),
-            0
-        );
-        assert_eq!(
-            p2.calls.observes.load(std::sync::atomic::Ordering::SeqCst),
-            0
-        );
-        // The first releases the lease on shutdown; the second takes over and writes.
-        r1.stop().await;
-        eventually("the follower takes over", || {
-            rules(&p2).get("a").is_some_and(|r| r.len() == 1)
-        })
-        .await;
-        r2.stop().await;
+    use nodeport_firewall::controller::leader::LeaseConfig;
+    let server = ApiServer::start().await;
+    server.put("Node", node("n1", "a"), "ADDED");
+    server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
+    let lease = |id: &str| LeaseConfig {
+        namespace: "ops".into(),
+        name: "npf".into(),
+        identity: id.into(),
+        lease_duration: Duration::from_secs(3),
+        renew_period: Duration::from_millis(500),
+    };
+    let p1 = memory();
+    let r1 = spawn(
+        &server,
+        p1.clone(),
+        Settings {
+            lease: Some(lease("one")),
+            ..settings()
+        },
+    );
+    eventually("leader writes", || {
+        rules(&p1).get("a").is_some_and(|r| r.len() == 1)
     })
     .await;
+    let p2 = memory();
+    let r2 = spawn(
+        &server,
+        p2.clone(),
+        Settings {
+            lease: Some(lease("two")),
+            ..settings()
+        },
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        p2.calls.applies.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    assert_eq!(
+        p2.calls.observes.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    // The first releases the lease on shutdown; the second takes over and writes.
+    r1.stop().await;
+    eventually("the follower takes over", || {
+        rules(&p2).get("a").is_some_and(|r| r.len() == 1)
+    })
+    .await;
+    r2.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_answered_410_gone_relists_and_keeps_the_rules() {
-    local(async {
-        let server = ApiServer::start().await;
-        server.put("Node", node("n1", "a"), "ADDED");
-        server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
-        let p = memory();
-        let run = spawn(&server, p.clone(), settings());
-        eventually("the rule", || {
-            rules(&p).get("a").is_some_and(|r| r.len() == 1)
-        })
-        .await;
-        let lists = server.lists("services");
-        let removes_before = p.calls.applies.load(std::sync::atomic::Ordering::SeqCst);
-        // Move the server's history past what the reflectors have seen, then cut their
-        // watches: they resume from a version the server has forgotten.
-        server.put(
-            "ConfigMap",
-            serde_json::json!({"metadata":{"name":"unrelated","namespace":"default"}}),
-            "ADDED",
-        );
-        server.compact();
-        server.drop_watches();
-        eventually("410 Gone and a re-list", || {
-            server.gone() >= 1 && server.lists("services") > lists
-        })
-        .await;
-        // The re-listed view still has the Service: its rule stays, nothing is written.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(rules(&p)["a"], vec!["30080 10.1.0.0/16".to_string()]);
-        assert_eq!(
-            p.calls.applies.load(std::sync::atomic::Ordering::SeqCst),
-            removes_before
-        );
-        // And changes after the re-list are seen.
-        server.put("Service", service("api", 30090, "10.2.0.0/16"), "ADDED");
-        eventually("the new Service's rule", || rules(&p)["a"].len() == 2).await;
-        run.stop().await;
+    let server = ApiServer::start().await;
+    server.put("Node", node("n1", "a"), "ADDED");
+    server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
+    let p = memory();
+    let run = spawn(&server, p.clone(), settings());
+    eventually("the rule", || {
+        rules(&p).get("a").is_some_and(|r| r.len() == 1)
     })
     .await;
+    let lists = server.lists("services");
+    let removes_before = p.calls.applies.load(std::sync::atomic::Ordering::SeqCst);
+    // Move the server's history past what the reflectors have seen, then cut their
+    // watches: they resume from a version the server has forgotten.
+    server.put(
+        "ConfigMap",
+        serde_json::json!({"metadata":{"name":"unrelated","namespace":"default"}}),
+        "ADDED",
+    );
+    server.compact();
+    server.drop_watches();
+    eventually("410 Gone and a re-list", || {
+        server.gone() >= 1 && server.lists("services") > lists
+    })
+    .await;
+    // The re-listed view still has the Service: its rule stays, nothing is written.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rules(&p)["a"], vec!["30080 10.1.0.0/16".to_string()]);
+    assert_eq!(
+        p.calls.applies.load(std::sync::atomic::Ordering::SeqCst),
+        removes_before
+    );
+    // And changes after the re-list are seen.
+    server.put("Service", service("api", 30090, "10.2.0.0/16"), "ADDED");
+    eventually("the new Service's rule", || rules(&p)["a"].len() == 2).await;
+    run.stop().await;
 }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use futures::stream::{self, StreamExt};
 use nodeport_firewall_model::{
-    Config, Desired, Observation, Plan, PoolName, PoolResolution, Target,
+    Config, Desired, Observation, Plan, PoolName, PoolResolution, PoolState, Target, TargetPlan,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -107,31 +107,43 @@ pub async fn plan_with_cache(
 }
 
 /// Resolves every managed pool, `CONCURRENCY` at a time.
+///
+/// The per-item futures are built by named `async fn`s over an iterator, not by closures
+/// on the stream: a stream of references mapped by a closure makes the whole future
+/// non-`Send` (rustc's "FnOnce is not general enough").
 async fn resolve(
     provider: &dyn Provider,
     config: &Config,
     desired: &Desired,
 ) -> BTreeMap<PoolName, PoolResolution> {
-    let pools: Vec<_> = desired.managed_pools().collect();
-    stream::iter(pools)
-        .map(|pool| async move {
-            let view = PoolView {
-                name: &pool.name,
-                nodes: &pool.nodes,
-                config: config
-                    .pools
-                    .get(&pool.name)
-                    .and_then(|p| p.provider(provider.name())),
-            };
-            let res = provider.resolve(view).await.map_err(|e| e.to_string());
-            if let Err(e) = &res {
-                warn!(pool = %pool.name, error = %e, "cannot resolve pool target");
-            }
-            (pool.name.clone(), res)
-        })
+    let resolving = desired
+        .managed_pools()
+        .map(|pool| resolve_one(provider, config, pool))
+        .collect::<Vec<_>>();
+    stream::iter(resolving)
         .buffer_unordered(CONCURRENCY)
         .collect()
         .await
+}
+
+async fn resolve_one(
+    provider: &dyn Provider,
+    config: &Config,
+    pool: &PoolState,
+) -> (PoolName, PoolResolution) {
+    let view = PoolView {
+        name: &pool.name,
+        nodes: &pool.nodes,
+        config: config
+            .pools
+            .get(&pool.name)
+            .and_then(|p| p.provider(provider.name())),
+    };
+    let res = provider.resolve(view).await.map_err(|e| e.to_string());
+    if let Err(e) = &res {
+        warn!(pool = %pool.name, error = %e, "cannot resolve pool target");
+    }
+    (pool.name.clone(), res)
 }
 
 /// Observes `targets`, `CONCURRENCY` at a time: one read each.
@@ -193,31 +205,41 @@ pub enum ApplyOutcome {
 /// whose plan has an error are refused before any write; a failure on one target does not
 /// stop the others.
 pub async fn apply(provider: &dyn Provider, plan: &Plan) -> Vec<(Target, ApplyOutcome)> {
-    let mut out: Vec<(Target, ApplyOutcome)> = stream::iter(&plan.targets)
-        .map(|tp| async move {
-            let outcome = if let Some(e) = &tp.error {
-                ApplyOutcome::Refused { error: e.to_string() }
-            } else if !tp.has_writes() {
-                ApplyOutcome::NoChanges
-            } else {
-                match provider.apply(tp).await {
-                    Ok(report) => {
-                        info!(target = %tp.target, added = report.added, removed = report.removed, updated = report.updated, "applied plan");
-                        ApplyOutcome::Applied { report }
-                    }
-                    Err(e) => {
-                        warn!(target = %tp.target, error = %e, "apply failed");
-                        ApplyOutcome::Failed { error: e.to_string() }
-                    }
-                }
-            };
-            (tp.target.clone(), outcome)
-        })
+    let applying = plan
+        .targets
+        .iter()
+        .map(|tp| apply_one(provider, tp))
+        .collect::<Vec<_>>();
+    let mut out: Vec<(Target, ApplyOutcome)> = stream::iter(applying)
         .buffer_unordered(CONCURRENCY)
         .collect()
         .await;
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+async fn apply_one(provider: &dyn Provider, tp: &TargetPlan) -> (Target, ApplyOutcome) {
+    let outcome = if let Some(e) = &tp.error {
+        ApplyOutcome::Refused {
+            error: e.to_string(),
+        }
+    } else if !tp.has_writes() {
+        ApplyOutcome::NoChanges
+    } else {
+        match provider.apply(tp).await {
+            Ok(report) => {
+                info!(target = %tp.target, added = report.added, removed = report.removed, updated = report.updated, "applied plan");
+                ApplyOutcome::Applied { report }
+            }
+            Err(e) => {
+                warn!(target = %tp.target, error = %e, "apply failed");
+                ApplyOutcome::Failed {
+                    error: e.to_string(),
+                }
+            }
+        }
+    };
+    (tp.target.clone(), outcome)
 }
 
 #[cfg(test)]
@@ -346,5 +368,19 @@ mod tests {
         let d = desired(&config, &[web("a", "10.0.0.0/8")], &nodes());
         plan_with_cache(&p, &config, &d, &mut observed).await;
         assert_eq!(observed.len(), 1);
+    }
+}
+
+/// Compile-time check: the engine's futures can be spawned on a multi-threaded runtime.
+#[cfg(test)]
+mod send_check {
+    use super::*;
+    fn assert_send<T: Send>(_: T) {}
+    #[allow(dead_code)]
+    fn futures_are_send(p: &dyn Provider, c: &Config, d: &Desired, o: &mut Observed, plan_: &Plan) {
+        assert_send(resolve(p, c, d));
+        assert_send(observe(p, Vec::new()));
+        assert_send(plan_with_cache(p, c, d, o));
+        assert_send(apply(p, plan_));
     }
 }
