@@ -43,7 +43,7 @@ impl ConditionState {
 }
 
 /// A digest, stable within this process.
-fn fingerprint(value: &impl Hash) -> u64 {
+pub(crate) fn fingerprint(value: &impl Hash) -> u64 {
     let mut h = DefaultHasher::new();
     value.hash(&mut h);
     h.finish()
@@ -623,5 +623,76 @@ impl Publisher {
         self.reported.retain(|k, _| seen.contains(k));
         self.conditions.retain(|k, _| seen.contains(k));
         count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn condition(status: &str, reason: &str, message: &str) -> Condition {
+        Condition {
+            type_: CONDITION_TYPE.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time: Time(Timestamp::UNIX_EPOCH),
+            observed_generation: None,
+        }
+    }
+
+    fn service_with(c: Condition) -> Service {
+        Service {
+            status: Some(k8s_openapi::api::core::v1::ServiceStatus {
+                conditions: Some(vec![c]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_cached_condition_keeps_only_its_fingerprint() {
+        let want = ConditionState {
+            status: true,
+            reason: "Synced".into(),
+            message: "open on aws:sg-1 from 10.0.0.0/8".into(),
+        };
+        let mut c = condition("True", "Synced", &want.message);
+        fingerprint_condition(&mut c);
+        assert!(c.message.starts_with(FINGERPRINT_PREFIX), "{}", c.message);
+        let once = c.message.clone();
+        fingerprint_condition(&mut c);
+        assert_eq!(c.message, once, "idempotent");
+
+        let cached = current_condition(&service_with(c)).unwrap();
+        assert_eq!(cached.fingerprint, want.fingerprint());
+        assert!(cached.status);
+        // A condition as the API server returns it, not yet stripped, reads the same.
+        let raw = current_condition(&service_with(condition("True", "Synced", &want.message)));
+        assert_eq!(raw.unwrap().fingerprint, want.fingerprint());
+
+        for (status, reason, message) in [
+            ("False", "Synced", want.message.as_str()),
+            ("True", "QuotaExceeded", want.message.as_str()),
+            ("True", "Synced", "open on aws:sg-2 from 10.0.0.0/8"),
+        ] {
+            let mut other = condition(status, reason, message);
+            fingerprint_condition(&mut other);
+            let other = current_condition(&service_with(other)).unwrap();
+            assert_ne!(
+                other.fingerprint,
+                want.fingerprint(),
+                "{status} {reason} {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_conditions_are_not_touched() {
+        let mut c = condition("True", "Ready", "a message of someone else's");
+        c.type_ = "Other".into();
+        fingerprint_condition(&mut c);
+        assert_eq!(c.message, "a message of someone else's");
     }
 }

@@ -122,9 +122,7 @@ type Inputs = (Vec<ServiceSpec>, Vec<NodeSpec>);
 /// A digest of a plan's inputs, to skip replanning when a change did not touch them
 /// without keeping a second copy of every Service.
 fn fingerprint(inputs: &Inputs) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    std::hash::Hash::hash(inputs, &mut h);
-    std::hash::Hasher::finish(&h)
+    feedback::fingerprint(inputs)
 }
 
 fn inputs(caches: &Caches, config: &Config) -> Inputs {
@@ -370,7 +368,13 @@ impl Loop<'_> {
                 .state()
                 .iter()
                 .filter(|s| feedback::current_condition(s).is_some())
-                .filter_map(|s| ServiceSpec::from_k8s(s).ok().map(|s| s.service))
+                .filter_map(|s| {
+                    let m = &s.metadata;
+                    let namespace = m.namespace.as_deref().unwrap_or("default");
+                    m.name
+                        .as_deref()
+                        .map(|name| ServiceRef::new(namespace, name))
+                })
                 .collect();
             let out = feedback::Outcome {
                 plan: &plan,
