@@ -242,13 +242,6 @@ impl GcpProvider {
         }
     }
 
-    /// Forgets cached pool resolutions, e.g. after the config changed.
-    pub fn clear_cache(&self) {
-        if let Ok(mut c) = self.resolutions.lock() {
-            c.clear();
-        }
-    }
-
     /// Runs one Compute call: counted, retried when throttled or transient, errors mapped.
     async fn call<T, F, Fut>(&self, op: &str, f: F) -> Result<T>
     where
@@ -426,8 +419,9 @@ impl GcpProvider {
         })
     }
 
-    /// The firewall body of one neutral rule.
-    fn body(&self, target: &Target, rule: &Rule, with_targets: bool) -> Result<Firewall> {
+    /// The firewall body of one neutral rule; `with_network`: the fields only an insert
+    /// sets (name, network, direction).
+    fn body(&self, target: &Target, rule: &Rule, with_network: bool) -> Result<Firewall> {
         let (project, network) = Self::split_target(target)?;
         let name = rule
             .name
@@ -453,23 +447,26 @@ impl GcpProvider {
                 .set_ports(rule.content.ports.iter().map(ToString::to_string))])
             .set_source_ranges(rule.content.sources.iter().map(ToString::to_string))
             .set_description(self.description(rule));
-        if with_targets {
+        // The targets and priority go into patches too: a rule of ours whose tags were
+        // edited by hand is put back, not patched forever without converging.
+        fw = fw.set_priority(self.config.priority);
+        fw = match scope {
+            Scope::Tags(tags) => fw.set_target_tags(tags),
+            Scope::ServiceAccount(sa) => fw.set_target_service_accounts([sa]),
+        };
+        if with_network {
             fw = fw
                 .set_name(name)
                 .set_network(Self::network_url(project, network))
-                .set_direction(firewall::Direction::Ingress)
-                .set_priority(self.config.priority);
-            fw = match scope {
-                Scope::Tags(tags) => fw.set_target_tags(tags),
-                Scope::ServiceAccount(sa) => fw.set_target_service_accounts([sa]),
-            };
+                .set_direction(firewall::Direction::Ingress);
         }
         Ok(fw)
     }
 
     /// Waits for a write's Operation to be DONE and checks its error.
     async fn wait(&self, project: &str, what: &str, mut op: Operation) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(self.config.operation_timeout_seconds);
+        let timeout = Duration::from_secs(self.config.operation_timeout_seconds);
+        let deadline = Instant::now().checked_add(timeout);
         let mut pause = Duration::from_millis(self.config.operation_poll_millis.max(1));
         loop {
             if op.status == Some(operation::Status::Done) {
@@ -493,7 +490,7 @@ impl GcpProvider {
                 op.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| {
                     invalid(format!("Compute {what}: an Operation without a name"))
                 })?;
-            if Instant::now() >= deadline {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(Error::new(
                     ErrorKind::Transient,
                     format!(
@@ -584,6 +581,20 @@ impl GcpProvider {
                             .send()
                     })
                     .await?;
+                // Names are unique per project, not per network: ours on another network
+                // (the config's network changed) is not this rule.
+                let (_, network) = Self::split_target(target)?;
+                let here = format!("projects/{project}/global/networks/{network}");
+                if !existing.network.as_deref().is_some_and(|n| n.ends_with(&here)) {
+                    return Err(Error::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "a firewall rule named {name} already exists in project {project} on another network ({}); it is left alone. Delete it or use another clusterName",
+                            existing.network.as_deref().unwrap_or("unknown")
+                        ),
+                    )
+                    .with_code("alreadyExists"));
+                }
                 let observed = self.to_observed(&existing);
                 match observed {
                     Some(o) if o.owned && o.rule == *rule => Ok(Outcome::Adopted(format!(
@@ -609,12 +620,28 @@ impl GcpProvider {
         }
     }
 
-    /// Runs one change; `None` when it did nothing because the rule was already gone.
-    async fn run_change(&self, target: &Target, c: &Change) -> Result<Outcome> {
+    /// Runs one change. `gone`: names absent from a fresh read (see `check_owned`).
+    async fn run_change(
+        &self,
+        target: &Target,
+        c: &Change,
+        gone: &BTreeSet<String>,
+    ) -> Result<Outcome> {
+        let name = c.id.as_deref().unwrap_or_default();
         match c.action {
             Action::Add => self.add(target, &c.rule).await,
+            // Absent from a fresh read: insert (whose 409 checks ownership), never patch.
+            Action::Update if gone.contains(name) => {
+                let mut rule = c.rule.clone();
+                rule.name = Some(name.to_string());
+                self.add(target, &rule).await.map(|_| {
+                    Outcome::Converged(format!("rule {name} was gone when updated; created again"))
+                })
+            }
+            Action::Remove if gone.contains(name) => Ok(Outcome::Gone(format!(
+                "rule {name} no longer exists; nothing to do"
+            ))),
             Action::Update => {
-                let name = c.id.as_deref().unwrap_or_default();
                 match self.patch(target, name, &c.rule).await {
                     Ok(()) => Ok(Outcome::Updated),
                     Err(e) if e.kind == ErrorKind::NotFound => {
@@ -630,7 +657,6 @@ impl GcpProvider {
                 }
             }
             Action::Remove => {
-                let name = c.id.as_deref().unwrap_or_default();
                 match self.delete(target, name).await {
                     Ok(()) => Ok(Outcome::Removed),
                     Err(e) if e.kind == ErrorKind::NotFound => Ok(Outcome::Gone(format!(
@@ -649,6 +675,7 @@ impl GcpProvider {
         &self,
         target: &Target,
         changes: &[(usize, &Change)],
+        gone: &BTreeSet<String>,
         report: &mut ApplyReport,
         done: &mut BTreeSet<usize>,
     ) -> Option<Error> {
@@ -657,7 +684,7 @@ impl GcpProvider {
         let futures: Vec<Pending<'_>> = changes
             .iter()
             .map(|&(i, c)| -> Pending<'_> {
-                Box::pin(async move { (i, self.run_change(target, c).await) })
+                Box::pin(async move { (i, self.run_change(target, c, gone).await) })
             })
             .collect();
         let results: Vec<(usize, Result<Outcome>)> = stream::iter(futures)
@@ -686,34 +713,39 @@ impl GcpProvider {
         first
     }
 
-    /// Whether every rule named in `names` is ours per the last observation of `target`,
-    /// re-reading it when the observation does not know them all.
-    async fn check_owned(&self, target: &Target, names: &[&str]) -> Result<HashMap<String, bool>> {
-        let cached = self
-            .seen
-            .lock()
-            .ok()
-            .and_then(|s| s.get(&target.id).cloned());
-        let seen = match cached {
-            Some(seen) if names.iter().all(|n| seen.contains_key(*n)) => seen,
-            _ => {
-                self.observe(target).await?;
-                self.seen
-                    .lock()
-                    .ok()
-                    .and_then(|s| s.get(&target.id).cloned())
-                    .unwrap_or_default()
-            }
+    /// Refuses unless every rule named in `names` is ours per the last observation of
+    /// `target`, re-reading it when that observation does not know them all. Returns the
+    /// names absent even from a fresh read: they are not patched or deleted by name (a
+    /// rule of that name could be someone else's by now) but re-created or skipped.
+    async fn check_owned(&self, target: &Target, names: &[&str]) -> Result<BTreeSet<String>> {
+        let seen_now = || -> Result<HashMap<String, bool>> {
+            let seen = self
+                .seen
+                .lock()
+                .map_err(|_| invalid("the observation of this target is unavailable"))?;
+            Ok(seen.get(&target.id).cloned().unwrap_or_default())
         };
+        let mut seen = seen_now()?;
+        if !names.iter().all(|n| seen.contains_key(*n)) {
+            self.observe(target).await?;
+            seen = seen_now()?;
+        }
+        let mut gone = BTreeSet::new();
         for n in names {
-            if seen.get(*n) == Some(&false) {
-                return Err(invalid(format!(
-                    "rule {n} on {target} is not owned by cluster {}; refusing to change it",
-                    self.cluster
-                )));
+            match seen.get(*n) {
+                Some(true) => {}
+                Some(false) => {
+                    return Err(invalid(format!(
+                        "rule {n} on {target} is not owned by cluster {}; refusing to change it",
+                        self.cluster
+                    )));
+                }
+                None => {
+                    gone.insert((*n).to_string());
+                }
             }
         }
-        Ok(seen)
+        Ok(gone)
     }
 
     /// The `gcloud` commands that carry out `changes` on `target`, for a network admin.
@@ -959,9 +991,12 @@ impl Provider for GcpProvider {
         if let Some(scope) = self.cached_resolution(&key) {
             return Ok(to_targets(&scope));
         }
+        // The instances of the network's project count as others too (a Shared VPC host
+        // project): a tag chosen for the pool must not open its VMs.
         let projects: BTreeSet<&str> = nodes
             .iter()
             .filter_map(|(_, k)| k.split('/').next())
+            .chain([project.as_str()])
             .collect();
         let mut all = BTreeMap::new();
         for p in projects {
@@ -1113,9 +1148,11 @@ impl Provider for GcpProvider {
         let target = &plan.target;
 
         // Never change a rule that is not ours: check every name against what Compute said.
-        if !names.is_empty() {
-            self.check_owned(target, &names).await?;
-        }
+        let gone = if names.is_empty() {
+            BTreeSet::new()
+        } else {
+            self.check_owned(target, &names).await?
+        };
         let all: Vec<&Change> = removes
             .iter()
             .chain(updates.iter())
@@ -1138,7 +1175,10 @@ impl Provider for GcpProvider {
             if phase.is_empty() {
                 continue;
             }
-            if let Some(e) = self.run_group(target, phase, &mut report, &mut done).await {
+            if let Some(e) = self
+                .run_group(target, phase, &gone, &mut report, &mut done)
+                .await
+            {
                 failure = Some(e);
                 break;
             }

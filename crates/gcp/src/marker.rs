@@ -95,19 +95,28 @@ pub fn slug(s: &str, max: usize) -> String {
     out
 }
 
+/// What every rule name of `cluster` starts with: `npf-<cluster>-`. A rule is ours only
+/// with this prefix and our marker in its description, because a person may copy a
+/// description (onto their own rule, or another cluster's).
+pub fn name_prefix(cluster: &str) -> String {
+    let cluster = slug(cluster, 16);
+    if cluster.is_empty() {
+        NAME_PREFIX.to_string()
+    } else {
+        format!("{NAME_PREFIX}{cluster}-")
+    }
+}
+
 /// A deterministic rule name: `npf-<cluster>-<pool>-<hash>`, at most 52 characters (the
 /// planner may append `-n` on a name collision, which stays within 63). The hash covers
 /// everything but the ports, so a rule keeps its name while its ports change.
 pub fn rule_name(parts: &NameParts<'_>) -> String {
-    let cluster = slug(parts.cluster, 16);
     let pools: Vec<&str> = parts.pools.iter().map(PoolName::as_str).collect();
     let pool = slug(&pools.join("-"), 20);
-    let mut name = String::from(NAME_PREFIX);
-    for piece in [cluster.as_str(), pool.as_str()] {
-        if !piece.is_empty() {
-            name.push_str(piece);
-            name.push('-');
-        }
+    let mut name = name_prefix(parts.cluster);
+    if !pool.is_empty() {
+        name.push_str(&pool);
+        name.push('-');
     }
     name.push_str(&parts.short_hash());
     name
@@ -199,7 +208,7 @@ pub struct Parsed {
 
 /// Reads the name and description of an observed rule.
 pub fn parse(cluster: &str, name: &str, description: Option<&str>) -> Parsed {
-    if !name.starts_with(NAME_PREFIX) {
+    if !name.starts_with(&name_prefix(cluster)) {
         return Parsed::default();
     }
     let Some(m) = description.and_then(|d| serde_json::from_str::<Marker>(d).ok()) else {
@@ -239,6 +248,11 @@ mod tests {
         assert_eq!(p.pools, pools);
         assert!(!parse("c2", "npf-c1-web-0123456789", Some(&d)).owned);
         assert!(!parse("c1", "allow-web", Some(&d)).owned, "prefix required");
+        // Our marker copied onto another cluster's rule does not make it ours.
+        assert!(
+            !parse("c1", "npf-c2-web-0123456789", Some(&d)).owned,
+            "the cluster's own prefix required"
+        );
         assert!(!parse("c1", "npf-c1-web-x", Some("opened by hand")).owned);
         assert!(!parse("c1", "npf-c1-web-x", None).owned);
         let other = d.replace(MANAGED_BY, "terraform");
