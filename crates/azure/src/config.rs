@@ -96,8 +96,8 @@ impl AzureConfig {
         {
             return bad("quotas and per-rule limits must be at least 1".to_string());
         }
-        if self.operation_timeout_seconds == 0 {
-            return bad("operationTimeoutSeconds must be at least 1".to_string());
+        if !(1..=86_400).contains(&self.operation_timeout_seconds) {
+            return bad("operationTimeoutSeconds must be 1-86400".to_string());
         }
         if let Some(nsg) = &self.network_security_group {
             crate::NsgId::parse(nsg).map_err(|e| {

@@ -123,7 +123,9 @@ impl TokenCredential for WorkloadIdentity {
                 crate::error::chain(&e)
             ))
         })?;
-        let lifetime = i64::try_from(rsp.expires_in).unwrap_or(0);
+        // Entra ID tokens live about an hour; a day caps whatever the response says, so the
+        // expiry below cannot overflow.
+        let lifetime = i64::try_from(rsp.expires_in.min(86_400)).unwrap_or(0);
         let token = AccessToken::new(
             rsp.access_token().secret().to_string(),
             OffsetDateTime::now_utc() + time::Duration::seconds(lifetime),

@@ -17,7 +17,7 @@ pub mod marker;
 mod render;
 pub mod stats;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,8 +33,8 @@ use azure_mgmt_network::package_2024_03::models::{
 use futures::StreamExt;
 use ipnet::IpNet;
 use nodeport_firewall_model::{
-    Action, Change, IpFamily, Limits, Observation, ObservedRule, PoolTarget, PortRange, Protocol,
-    Render, Rule, RuleContent, Target, TargetPlan,
+    Change, IpFamily, Limits, Observation, ObservedRule, PoolTarget, PortRange, Protocol, Render,
+    Rule, RuleContent, Target, TargetPlan,
 };
 use nodeport_firewall_provider::{
     ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy, Writes,
@@ -125,10 +125,10 @@ struct SeenRule {
 #[derive(Debug, Clone, Default)]
 struct SeenNsg {
     rules: HashMap<String, SeenRule>,
+    /// Names of every rule, both directions: a PUT under one of them replaces that rule.
+    names: HashSet<String>,
     /// Priorities of every inbound rule, ours and others'.
     priorities: BTreeSet<i32>,
-    /// Destination prefixes of rules we do not own, both directions.
-    foreign_destinations: usize,
 }
 
 /// A pool and its VMSSs.
@@ -429,7 +429,7 @@ impl AzureProvider {
     /// Maps one ARM rule to a neutral rule. A rule that cannot be expressed as ours (deny,
     /// other protocols, service tags, port `*`) is never ours; it keeps no sources, so it
     /// never stands in for one of ours.
-    fn to_observed(&self, r: &arm::SecurityRule) -> Option<(ObservedRule, SeenRule, usize)> {
+    fn to_observed(&self, r: &arm::SecurityRule) -> Option<(ObservedRule, SeenRule)> {
         let name = r.name.clone()?;
         let p = r.properties.as_ref()?;
         let marker = marker::parse(&self.cluster, p.description.as_deref());
@@ -496,9 +496,6 @@ impl AzureProvider {
             Vec::new()
         };
         sources.sort();
-        let dst_count = destination
-            .as_ref()
-            .map_or(dst_text.len(), |d| d.prefix_count());
         let rule = Rule {
             name: Some(name.clone()),
             content: RuleContent {
@@ -526,13 +523,12 @@ impl AzureProvider {
                 owned,
             },
             seen,
-            dst_count,
         ))
     }
 
     /// Lists an NSG, remembers what it saw, and returns the inbound rules with the limits
     /// that apply to us.
-    async fn observe_nsg(&self, nsg: &NsgId) -> Result<Observation> {
+    async fn observe_nsg(&self, nsg: &NsgId) -> Result<(Observation, SeenNsg)> {
         let all = self.list_rules(nsg).await?;
         let band = self.config.priority_band;
         let mut rules = Vec::new();
@@ -545,6 +541,9 @@ impl AzureProvider {
         let mut hidden_destinations = 0usize;
         let (mut foreign_in_band, mut ours_outside_band) = (0usize, 0usize);
         for r in &all {
+            if let Some(name) = &r.name {
+                seen.names.insert(name.clone());
+            }
             let Some(p) = r.properties.as_ref() else {
                 continue;
             };
@@ -552,16 +551,14 @@ impl AzureProvider {
             if p.direction != SecurityRuleDirection::Inbound {
                 outbound += 1;
                 hidden_sources += source_count;
-                let dst = plural(
+                hidden_destinations += plural(
                     &p.destination_address_prefix,
                     &p.destination_address_prefixes,
                 )
                 .len();
-                seen.foreign_destinations += dst;
-                hidden_destinations += dst;
                 continue;
             }
-            let Some((observed, s, dst_count)) = self.to_observed(r) else {
+            let Some((observed, s)) = self.to_observed(r) else {
                 continue;
             };
             seen.priorities.insert(s.priority);
@@ -570,7 +567,6 @@ impl AzureProvider {
                     ours_outside_band += 1;
                 }
             } else {
-                seen.foreign_destinations += dst_count;
                 hidden_sources += source_count.saturating_sub(observed.rule.content.sources.len());
                 if band.contains(s.priority) {
                     foreign_in_band += 1;
@@ -595,9 +591,9 @@ impl AzureProvider {
         });
         debug!(nsg = %nsg.name, rules = all.len(), outbound, foreign_in_band, band_room, max_rules, "observed NSG");
         if let Ok(mut m) = self.seen.lock() {
-            m.insert(nsg.id(), seen);
+            m.insert(nsg.id(), seen.clone());
         }
-        Ok(Observation {
+        let observation = Observation {
             rules,
             limits: Limits {
                 max_rules: Some(max_rules),
@@ -617,7 +613,8 @@ impl AzureProvider {
                 max_rules_reason,
                 updates_in_place: true,
             },
-        })
+        };
+        Ok((observation, seen))
     }
 
     fn cached_seen(&self, nsg: &NsgId) -> Option<SeenNsg> {
@@ -637,8 +634,7 @@ impl AzureProvider {
         {
             return Ok(seen);
         }
-        self.observe_nsg(nsg).await?;
-        Ok(self.cached_seen(nsg).unwrap_or_default())
+        Ok(self.observe_nsg(nsg).await?.1)
     }
 
     async fn bearer(&self) -> Result<String> {
@@ -661,21 +657,27 @@ impl AzureProvider {
     ) -> Result<()> {
         let url = Url::parse(url)
             .map_err(|e| invalid(format!("{what}: bad polling URL {url:?}: {e}")))?;
+        let too_late = || {
+            Error::new(
+                ErrorKind::Transient,
+                format!(
+                    "{what}: not finished within {}s (azure.operationTimeoutSeconds); the next reconcile re-reads the NSG",
+                    self.config.operation_timeout_seconds
+                ),
+            )
+        };
         let mut wait = Duration::ZERO;
         loop {
-            if tokio::time::Instant::now() + wait > deadline {
-                return Err(Error::new(
-                    ErrorKind::Transient,
-                    format!(
-                        "{what}: not finished within {}s (azure.operationTimeoutSeconds); the next reconcile re-reads the NSG",
-                        self.config.operation_timeout_seconds
-                    ),
-                ));
+            // Compared, not added: a Retry-After from ARM can be any size.
+            if deadline.saturating_duration_since(tokio::time::Instant::now()) < wait {
+                return Err(too_late());
             }
             tokio::time::sleep(wait).await;
             let auth = self.bearer().await?;
-            let (status, after, body) = self
-                .call("PollOperation", || {
+            // The poll's own retries count against the same deadline.
+            let polled = tokio::time::timeout_at(
+                deadline,
+                self.call("PollOperation", || {
                     let mut req = Request::new(url.clone(), Method::Get);
                     req.insert_header(AUTHORIZATION, auth.clone());
                     let http = self.http.clone();
@@ -686,8 +688,10 @@ impl AzureProvider {
                         let body = rsp.into_body().collect().await?;
                         Ok((status, after, body))
                     }
-                })
-                .await?;
+                }),
+            )
+            .await;
+            let (status, after, body) = polled.map_err(|_| too_late())??;
             wait = after
                 .unwrap_or_else(|| self.config.poll_interval())
                 .max(Duration::from_millis(10));
@@ -807,8 +811,16 @@ impl AzureProvider {
                 {
                     conflicts += 1;
                     warn!(nsg = %nsg.name, priority, error = %e, "priority taken meanwhile; re-reading the NSG");
-                    self.observe_nsg(nsg).await?;
-                    let seen = self.cached_seen(nsg).unwrap_or_default();
+                    let seen = self.observe_nsg(nsg).await?.1;
+                    if let Some(name) = rule.name.as_deref().filter(|n| seen.names.contains(*n)) {
+                        return Err(Error::new(
+                            ErrorKind::Conflict,
+                            format!(
+                                "a rule named {name} appeared on NSG {} meanwhile; not overwriting it (the next reconcile re-reads the NSG)",
+                                nsg.name
+                            ),
+                        ));
+                    }
                     free.retain(|p| !seen.priorities.contains(p));
                 }
                 Err(e) => return Err(e),
@@ -844,34 +856,6 @@ impl AzureProvider {
         (band.from..=band.to)
             .filter(|p| !seen.priorities.contains(p))
             .collect()
-    }
-
-    /// Destination prefixes after the plan, ours and others': the NSG allows 4000.
-    fn check_destinations(&self, plan: &TargetPlan, seen: &SeenNsg) -> Result<()> {
-        let ours: usize = plan
-            .changes
-            .iter()
-            .filter(|c| {
-                matches!(
-                    c.action,
-                    Action::Add | Action::Update | Action::Unchanged | Action::Keep
-                )
-            })
-            .filter_map(|c| c.rule.content.scope.as_deref())
-            .filter_map(Destination::parse)
-            .map(|d| d.prefix_count())
-            .sum();
-        let limit = self.config.destination_prefix_quota;
-        if ours + seen.foreign_destinations > limit {
-            return Err(Error::new(
-                ErrorKind::QuotaExceeded,
-                format!(
-                    "destination prefix quota exceeded on {}: {ours} of ours + {} of others > {limit}; give the pool a subnet prefix or an application security group as destination",
-                    plan.target, seen.foreign_destinations
-                ),
-            ));
-        }
-        Ok(())
     }
 }
 
@@ -1075,7 +1059,7 @@ impl Provider for AzureProvider {
 
     async fn observe(&self, target: &Target) -> Result<Observation> {
         let nsg = NsgId::parse(&target.id).map_err(invalid)?;
-        self.observe_nsg(&nsg).await
+        self.observe_nsg(&nsg).await.map(|(o, _)| o)
     }
 
     /// ARM has no dry run: only the read is checked. Missing write or delete permissions
@@ -1116,7 +1100,7 @@ impl Provider for AzureProvider {
         if let Some(n) = adds
             .iter()
             .filter_map(|c| c.rule.name.as_deref())
-            .find(|n| seen.rules.contains_key(*n))
+            .find(|n| seen.names.contains(*n))
         {
             return Err(Error::new(
                 ErrorKind::Conflict,
@@ -1126,7 +1110,6 @@ impl Provider for AzureProvider {
                 ),
             ));
         }
-        self.check_destinations(plan, &seen)?;
 
         let mut report = ApplyReport::default();
         let mut free = self.free_priorities(&seen);
@@ -1137,10 +1120,7 @@ impl Provider for AzureProvider {
             if remove_first {
                 self.remove_rules(&nsg, &removes, &seen, &mut report)
                     .await?;
-                let fresh = self
-                    .observe_nsg(&nsg)
-                    .await
-                    .map(|_| self.cached_seen(&nsg).unwrap_or_default())?;
+                let fresh = self.observe_nsg(&nsg).await?.1;
                 free = self.free_priorities(&fresh);
             }
             for c in &updates {

@@ -824,6 +824,26 @@ async fn a_foreign_rule_with_our_name_is_not_overwritten() {
     }
     assert_eq!(server.rules(&nsg), squatter);
     assert_eq!(server.count("PUT", "/"), 0);
+
+    // The same with an outbound rule of that name: the planner does not see outbound
+    // rules, but names are unique across both directions.
+    let server = ArmServer::start();
+    let nsg = server.create_nsg(SUB, RG, "nsg");
+    let p = provider_with(&server, json!({})).await;
+    let config = config_for(&nsg, &[("np1", json!({}))]);
+    let mut outbound = aks_lb_rule(3500, 22);
+    outbound["direction"] = json!("Outbound");
+    server.seed_rule(&nsg, &name, outbound);
+    let squatter = server.rules(&nsg);
+    let third = plan(&p, &config, &svcs, &nodes).await;
+    assert_eq!(third.summary.add, 1, "{third:#?}");
+    let outcomes = engine::apply(&p, &third).await;
+    match &outcomes[0].1 {
+        ApplyOutcome::Failed { error } => assert!(error.contains("already exists"), "{error}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(server.rules(&nsg), squatter);
+    assert_eq!(server.count("PUT", "/"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

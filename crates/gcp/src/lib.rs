@@ -585,7 +585,11 @@ impl GcpProvider {
                 // (the config's network changed) is not this rule.
                 let (_, network) = Self::split_target(target)?;
                 let here = format!("projects/{project}/global/networks/{network}");
-                if !existing.network.as_deref().is_some_and(|n| n.ends_with(&here)) {
+                if !existing
+                    .network
+                    .as_deref()
+                    .is_some_and(|n| n.ends_with(&here))
+                {
                     return Err(Error::new(
                         ErrorKind::Conflict,
                         format!(
@@ -641,30 +645,26 @@ impl GcpProvider {
             Action::Remove if gone.contains(name) => Ok(Outcome::Gone(format!(
                 "rule {name} no longer exists; nothing to do"
             ))),
-            Action::Update => {
-                match self.patch(target, name, &c.rule).await {
-                    Ok(()) => Ok(Outcome::Updated),
-                    Err(e) if e.kind == ErrorKind::NotFound => {
-                        let mut rule = c.rule.clone();
-                        rule.name = Some(name.to_string());
-                        self.add(target, &rule).await.map(|_| {
-                            Outcome::Converged(format!(
-                                "rule {name} was gone when updated; created again"
-                            ))
-                        })
-                    }
-                    Err(e) => Err(e),
+            Action::Update => match self.patch(target, name, &c.rule).await {
+                Ok(()) => Ok(Outcome::Updated),
+                Err(e) if e.kind == ErrorKind::NotFound => {
+                    let mut rule = c.rule.clone();
+                    rule.name = Some(name.to_string());
+                    self.add(target, &rule).await.map(|_| {
+                        Outcome::Converged(format!(
+                            "rule {name} was gone when updated; created again"
+                        ))
+                    })
                 }
-            }
-            Action::Remove => {
-                match self.delete(target, name).await {
-                    Ok(()) => Ok(Outcome::Removed),
-                    Err(e) if e.kind == ErrorKind::NotFound => Ok(Outcome::Gone(format!(
-                        "rule {name} no longer exists; nothing to do"
-                    ))),
-                    Err(e) => Err(e),
-                }
-            }
+                Err(e) => Err(e),
+            },
+            Action::Remove => match self.delete(target, name).await {
+                Ok(()) => Ok(Outcome::Removed),
+                Err(e) if e.kind == ErrorKind::NotFound => Ok(Outcome::Gone(format!(
+                    "rule {name} no longer exists; nothing to do"
+                ))),
+                Err(e) => Err(e),
+            },
             _ => Ok(Outcome::Nothing),
         }
     }
