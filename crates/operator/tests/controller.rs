@@ -52,7 +52,16 @@ struct Running {
 }
 
 fn spawn(server: &ApiServer, provider: Arc<MemoryProvider>, settings: Settings) -> Running {
-    let ctx = Context::new(client(server), provider, config(), settings);
+    spawn_with(server, provider, settings, config())
+}
+
+fn spawn_with(
+    server: &ApiServer,
+    provider: Arc<MemoryProvider>,
+    settings: Settings,
+    config: Config,
+) -> Running {
+    let ctx = Context::new(client(server), provider, config, settings);
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(controller::run(ctx, async move {
         let _ = rx.await;
@@ -124,8 +133,11 @@ async fn nothing_is_planned_before_the_caches_sync() {
     server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
     server.set_list_delay(Duration::from_millis(1500));
     let p = memory();
-    // A rule of ours for a Service the slow list will show: an empty view would delete it.
-    let run = spawn(&server, p.clone(), settings());
+    // Pool a is in the config, so a plan from the empty view before the slow list ends
+    // would resolve it (and, with no Services, plan its rules away).
+    let config =
+        Config::from_yaml("clusterName: test\npoolLabels: [pool]\npools:\n  a: {}\n").unwrap();
+    let run = spawn_with(&server, p.clone(), settings(), config);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(
         p.calls.resolves.load(std::sync::atomic::Ordering::SeqCst),
@@ -191,7 +203,7 @@ async fn dry_run_writes_nothing() {
     })
     .await;
     assert_eq!(p.calls.applies.load(std::sync::atomic::Ordering::SeqCst), 0);
-    assert!(rules(&p).values().all(|r| r.is_empty()));
+    assert!(rules(&p).is_empty(), "{:?}", rules(&p));
     let patches = server.status_patches();
     assert!(
         patches[0]["status"]["conditions"][0]["message"]
