@@ -1116,7 +1116,8 @@ impl Provider for AzureProvider {
         let result = async {
             // Adds come first, unless the plan must free room first or the band has no
             // room for the adds until removes free priorities.
-            let remove_first = plan.remove_first || free.len() < adds.len();
+            let remove_first =
+                plan.remove_first || (!removes.is_empty() && free.len() < adds.len());
             if remove_first {
                 self.remove_rules(&nsg, &removes, &seen, &mut report)
                     .await?;

@@ -699,7 +699,10 @@ async fn the_budget_is_a_plan_error_and_the_project_quota_a_clear_failure() {
     let small = provider_with(&server, json!({"ruleBudget": 3})).await;
     let refused = plan(&small, &config, &svcs, &nodes).await;
     let e = refused.targets[0].error.as_ref().unwrap().to_string();
-    assert!(e.contains('3'), "{e}");
+    assert!(
+        e.starts_with("rule quota exceeded: 3 rules of ours + 1 of others = 4 rules, limit 3"),
+        "{e}"
+    );
     server.reset_calls();
     for (_, o) in apply(&small, &refused).await {
         assert!(matches!(o, ApplyOutcome::Refused { .. }), "{o:?}");
@@ -829,6 +832,8 @@ async fn measure_200_services_across_3_pools() {
     );
     println!("first apply calls: {calls:?}");
     assert!(rules <= goal, "{rules} > {goal}");
+    // docs/gcp.md quotes this figure: 3 pools x (2 IPv4 allowlists + 1 dual-stack = 4 rules).
+    assert_eq!(rules, 12);
     server.reset_calls();
     assert_eq!(writes(&plan(&p, &config, &svcs, &nodes).await), 0);
     println!("no-op resync calls: {:?}", server.calls());

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
 use crate::stats::CallStats;
@@ -101,6 +101,7 @@ impl RetryPolicy {
             .run(
                 || {
                     stats.call(op);
+                    debug!(api, operation = op, "cloud call");
                     let fut = f();
                     async move { fut.await.map_err(|e| map(op, e)) }
                 },
