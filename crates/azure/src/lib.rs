@@ -444,7 +444,7 @@ impl AzureProvider {
             .map(|s| marker::parse_prefix(s))
             .collect();
         let ports_text = plural(&p.destination_port_range, &p.destination_port_ranges);
-        let ports: Option<Vec<PortRange>> = ports_text.iter().map(|s| parse_ports(s)).collect();
+        let ports: Option<Vec<PortRange>> = ports_text.iter().map(|s| s.parse().ok()).collect();
         let dst_text = plural(
             &p.destination_address_prefix,
             &p.destination_address_prefixes,
@@ -868,14 +868,6 @@ fn plural(one: &Option<String>, many: &[String]) -> Vec<String> {
     one.iter().filter(|s| !s.is_empty()).cloned().collect()
 }
 
-fn parse_ports(s: &str) -> Option<PortRange> {
-    let s = s.trim();
-    let (from, to) = s.split_once('-').unwrap_or((s, s));
-    let from: u16 = from.trim().parse().ok()?;
-    let to: u16 = to.trim().parse().ok()?;
-    (from <= to).then_some(PortRange { from, to })
-}
-
 /// The ARM body of one of our rules.
 fn security_rule(cluster: &str, rule: &Rule, priority: i32) -> Result<arm::SecurityRule> {
     let c = &rule.content;
@@ -1192,20 +1184,6 @@ mod tests {
         ] {
             assert!(NsgId::parse(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn port_ranges() {
-        assert_eq!(parse_ports("30100"), Some(PortRange::single(30100)));
-        assert_eq!(
-            parse_ports("30100-30105"),
-            Some(PortRange {
-                from: 30100,
-                to: 30105
-            })
-        );
-        assert_eq!(parse_ports("*"), None);
-        assert_eq!(parse_ports("9-1"), None);
     }
 
     #[test]

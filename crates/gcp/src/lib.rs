@@ -901,17 +901,7 @@ fn parse_ports(ports: &[String]) -> Option<Vec<PortRange>> {
     }
     let mut out = Vec::with_capacity(ports.len());
     for p in ports {
-        let range = match p.split_once('-') {
-            Some((a, b)) => PortRange {
-                from: a.trim().parse().ok()?,
-                to: b.trim().parse().ok()?,
-            },
-            None => PortRange::single(p.trim().parse().ok()?),
-        };
-        if range.from > range.to {
-            return None;
-        }
-        out.push(range);
+        out.push(p.parse().ok()?);
     }
     out.sort();
     out.dedup();

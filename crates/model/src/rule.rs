@@ -83,6 +83,29 @@ impl PortRange {
     }
 }
 
+/// `30080` or `30080-30090`, as clouds write port ranges; `from <= to`.
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let (from, to) = s.split_once('-').unwrap_or((s, s));
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("{s:?} is not a port or port range"))
+        };
+        let range = PortRange {
+            from: port(from)?,
+            to: port(to)?,
+        };
+        if range.from > range.to {
+            return Err(format!("{s:?}: the range ends before it starts"));
+        }
+        Ok(range)
+    }
+}
+
 impl fmt::Display for PortRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.from == self.to {
@@ -439,6 +462,25 @@ impl Render for ShapeRenderer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_ranges_parse_as_clouds_write_them() {
+        let ok = [
+            ("30080", (30080, 30080)),
+            (" 30080-30090 ", (30080, 30090)),
+            ("0-65535", (0, 65535)),
+        ];
+        for (text, (from, to)) in ok {
+            assert_eq!(
+                text.parse::<PortRange>(),
+                Ok(PortRange { from, to }),
+                "{text}"
+            );
+        }
+        for bad in ["", "*", "30090-30080", "70000", "1-2-3", "a-b", "-1"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
+        }
+    }
 
     fn pg(port: u16, svc: &str) -> PortGrant {
         PortGrant {
