@@ -170,9 +170,16 @@ async fn invalid_annotation_warns_and_keeps_rules() {
             .any(|e| e["type"] == "Warning" && e["reason"] == "InvalidAnnotation")
     })
     .await;
+    // The event and the condition are sent concurrently: wait for the condition too.
+    eventually("the condition", || {
+        server
+            .status_patches()
+            .last()
+            .is_some_and(|last| last["status"]["conditions"][0]["status"] == "False")
+    })
+    .await;
     let patches = server.status_patches();
     let last = patches.last().unwrap();
-    assert_eq!(last["status"]["conditions"][0]["status"], "False");
     assert_eq!(
         last["status"]["conditions"][0]["reason"],
         "InvalidAnnotation"
@@ -204,6 +211,8 @@ async fn dry_run_writes_nothing() {
     .await;
     assert_eq!(p.calls.applies.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert!(rules(&p).is_empty(), "{:?}", rules(&p));
+    // The event and the condition are sent concurrently: wait for the condition too.
+    eventually("the condition", || !server.status_patches().is_empty()).await;
     let patches = server.status_patches();
     assert!(
         patches[0]["status"]["conditions"][0]["message"]

@@ -424,6 +424,9 @@ fn run_dry_run_against_moto_writes_nothing_and_shows_the_plan() {
         "{}",
         op.log()
     );
+    eventually("the condition", 30, &op, || {
+        !api.status_patches().is_empty()
+    });
     let condition = &api.status_patches()[0]["status"]["conditions"][0];
     assert!(
         condition["message"]
