@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::desired::PoolSelector;
 use crate::net::{ParsedRanges, SourceSet, parse_ranges};
 use crate::node::PoolName;
-use crate::rule::{Protocol, join};
+use crate::rule::Protocol;
 use crate::service::{ServiceRef, ServiceSpec, ServiceType};
 
 pub const ANNOTATION_PREFIX: &str = "nodeport-firewall.io/";
@@ -213,20 +213,8 @@ pub fn admit_cached(svc: &ServiceSpec, config: &Config, cache: &mut RangeCache) 
                         "{ALLOWED_SOURCE_RANGES}: empty; list CIDRs such as 203.0.113.0/24, or remove it to use the default"
                     ));
                 }
-                let world = parsed.set.world_open();
-                if !world.is_empty() && !config.policy.allow_world_open {
-                    errors.push(format!(
-                        "{ALLOWED_SOURCE_RANGES}: {} opens the port to the whole Internet, which the operator policy refuses (policy.allowWorldOpen)",
-                        join(&world)
-                    ));
-                }
-                if parsed.set.len() > config.policy.max_ranges_per_service {
-                    errors.push(format!(
-                        "{ALLOWED_SOURCE_RANGES}: {} ranges after merging, more than the policy allows ({}; policy.maxRangesPerService)",
-                        parsed.set.len(),
-                        config.policy.max_ranges_per_service
-                    ));
-                }
+                // What the sources may be is the policy's to judge (crate::policy): a
+                // refusal closes the Service, while a parse error here keeps its rules.
                 parsed.set
             }
             Err(bad) => {
@@ -384,8 +372,6 @@ mod tests {
                 "not an IPv4/IPv6 address or CIDR",
             ),
             (web().with_ranges(" , "), "empty"),
-            (web().with_ranges("0.0.0.0/0"), "whole Internet"),
-            (web().with_ranges("::/0"), "whole Internet"),
             (web().with_annotation("ports", "https"), "matches no port"),
             (web().with_annotation("ports", ""), "empty"),
             (
@@ -422,20 +408,13 @@ mod tests {
     }
 
     #[test]
-    fn too_many_ranges_counts_after_merging() {
-        let mut c = cfg();
-        c.policy.max_ranges_per_service = 2;
-        let errs = errors(admit(
-            &web().with_ranges("10.0.0.0/8 12.0.0.0/8 14.0.0.0/8"),
-            &c,
-        ));
-        assert!(errs[0].contains("more than the policy allows"), "{errs:?}");
-        // 10/8 and 11/8 are adjacent and merge into 10/7: two ranges, within the limit.
-        let i = intent(admit(
-            &web().with_ranges("10.0.0.0/8 11.0.0.0/8 13.0.0.0/8"),
-            &c,
-        ));
-        assert_eq!(i.sources.to_string(), "10.0.0.0/7,13.0.0.0/8");
+    fn policy_refusals_are_not_parse_errors() {
+        // World-open and too many ranges are the policy's to refuse (they close the
+        // Service); the annotation itself reads fine.
+        for ranges in ["0.0.0.0/0", "::/0", "0.0.0.0/1, 128.0.0.0/2, 192.0.0.0/3"] {
+            let i = intent(admit(&web().with_ranges(ranges), &cfg()));
+            assert!(!i.sources.is_empty(), "{ranges}");
+        }
     }
 
     #[test]

@@ -32,14 +32,21 @@ pub enum PortMerge {
     None,
 }
 
-/// Operator-wide safety policy.
+/// The cluster-wide floor: binds every Service, whatever a namespace policy says
+/// (docs/policy.md). A Service that breaks it is closed: its rules are removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Policy {
-    /// Allow `0.0.0.0/0` and `::/0`. Off by default.
+    /// Allow allowlists that cover a family's whole public unicast space (`0.0.0.0/0`,
+    /// `::/0`, or the same split into pieces). Off by default.
     pub allow_world_open: bool,
     /// Most source ranges one Service may ask for, after merging.
     pub max_ranges_per_service: usize,
+    /// The shortest prefix a source range may have, per family.
+    pub min_prefix_length: MinPrefixLength,
+    /// A Service that no `NodePortFirewallPolicy` admits opens nothing. Off: a namespace no
+    /// policy selects is bound by this floor alone.
+    pub require_namespace_policy: bool,
     pub port_merge: PortMerge,
 }
 
@@ -48,7 +55,34 @@ impl Default for Policy {
         Policy {
             allow_world_open: false,
             max_ranges_per_service: 32,
+            min_prefix_length: MinPrefixLength::default(),
+            require_namespace_policy: false,
             port_merge: PortMerge::Contiguous,
+        }
+    }
+}
+
+/// `policy.minPrefixLength`. The defaults refuse `0.0.0.0/1` and `::/1` (half of each
+/// Internet) but accept the widest private ranges in real use: `10.0.0.0/8` and the
+/// unique-local `fd00::/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MinPrefixLength {
+    pub ipv4: u8,
+    pub ipv6: u8,
+}
+
+impl Default for MinPrefixLength {
+    fn default() -> Self {
+        MinPrefixLength { ipv4: 8, ipv6: 8 }
+    }
+}
+
+impl MinPrefixLength {
+    pub fn of(&self, family: crate::net::IpFamily) -> u8 {
+        match family {
+            crate::net::IpFamily::V4 => self.ipv4,
+            crate::net::IpFamily::V6 => self.ipv6,
         }
     }
 }
@@ -165,14 +199,24 @@ impl Config {
             problems.push("poolLabels must name at least one label".to_string());
         }
         let mut default_sources = SourceSet::default();
+        if raw.policy.min_prefix_length.ipv4 > 32 {
+            problems.push(format!(
+                "policy.minPrefixLength.ipv4: {} is longer than 32",
+                raw.policy.min_prefix_length.ipv4
+            ));
+        }
+        if raw.policy.min_prefix_length.ipv6 > 128 {
+            problems.push(format!(
+                "policy.minPrefixLength.ipv6: {} is longer than 128",
+                raw.policy.min_prefix_length.ipv6
+            ));
+        }
         match parse_ranges(&raw.default_source_ranges.join(",")) {
             Ok(parsed) => {
-                let world = parsed.set.world_open();
-                if !world.is_empty() && !raw.policy.allow_world_open {
-                    problems.push(format!(
-                        "defaultSourceRanges contains {} but policy.allowWorldOpen is false",
-                        crate::rule::join(&world)
-                    ));
+                // The default allowlist is held to the floor like any Service's: a default
+                // the floor refuses would close every Service that uses it.
+                for v in crate::policy::floor_violations(&raw.policy, &parsed.set) {
+                    problems.push(format!("defaultSourceRanges: {v}"));
                 }
                 default_sources = parsed.set;
             }
@@ -268,7 +312,31 @@ mod tests {
             ),
             (
                 "clusterName: a\ndefaultSourceRanges: [0.0.0.0/0]",
-                "policy.allowWorldOpen is false",
+                "whole Internet, which the operator policy refuses (policy.allowWorldOpen)",
+            ),
+            (
+                "clusterName: a\ndefaultSourceRanges: [0.0.0.0/1, 128.0.0.0/2, 192.0.0.0/3]",
+                "policy.allowWorldOpen",
+            ),
+            (
+                "clusterName: a\ndefaultSourceRanges: [0.0.0.0/1]",
+                "policy.minPrefixLength.ipv4",
+            ),
+            (
+                "clusterName: a\npolicy:\n  minPrefixLength: {ipv4: 33}",
+                "longer than 32",
+            ),
+            (
+                "clusterName: a\npolicy:\n  minPrefixLength: {ipv6: 129}",
+                "longer than 128",
+            ),
+            (
+                "clusterName: a\npolicy:\n  minPrefixLength: {ipv4: -1}",
+                "policy.minPrefixLength.ipv4: invalid type",
+            ),
+            (
+                "clusterName: a\npolicy:\n  requireNamespacePolicy: maybe",
+                "invalid type",
             ),
             (
                 "clusterName: a\ndefaultSourceRanges: [nope]",

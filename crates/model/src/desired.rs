@@ -11,6 +11,7 @@ use crate::annotations::{Admission, RangeCache, ServiceIntent, admit_cached};
 use crate::config::{Config, PortMerge};
 use crate::net::SourceSet;
 use crate::node::{NodeSpec, PoolName};
+use crate::policy::{PolicyReport, Tenancy, Verdict};
 use crate::rule::Protocol;
 use crate::service::{ServiceRef, ServiceSpec};
 
@@ -59,10 +60,14 @@ pub struct PoolState {
 #[serde(rename_all = "camelCase")]
 pub struct ServiceReport {
     pub service: ServiceRef,
-    /// `managed`, `unmanaged` or `invalid`.
+    /// `managed`, `unmanaged`, `invalid` or `closed`.
     pub status: ServiceStatus,
+    /// Why it is unmanaged or closed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The namespace policy that admitted it (managed), or what refused it (closed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -78,7 +83,10 @@ pub struct ServiceReport {
 pub enum ServiceStatus {
     Managed,
     Unmanaged,
+    /// Its annotations cannot be read: its rules are kept exactly as they are.
     Invalid,
+    /// Refused by the policy: its rules are removed.
+    Closed,
 }
 
 /// The desired state of the whole cluster.
@@ -93,6 +101,10 @@ pub struct Desired {
     pub unpooled_nodes: Vec<String>,
     /// Invalid Services: their existing rules are kept exactly as they are.
     pub pinned: BTreeSet<ServiceRef>,
+    /// Services the policy refused, with why: their rules are removed, and the plan says so.
+    pub closed: BTreeMap<ServiceRef, Arc<str>>,
+    /// The status of every namespace policy, by name.
+    pub policies: Vec<PolicyReport>,
 }
 
 impl Desired {
@@ -136,9 +148,20 @@ fn into_grants(map: GrantMap) -> Vec<Grant> {
     grants
 }
 
-/// Computes the desired state. Pure and total: no input makes it fail or panic; every
-/// problem is reported on the Service or Node it concerns.
+/// Computes the desired state with no namespace policies: only the operator config's floor
+/// judges the Services.
 pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) -> Desired {
+    desired_with(config, services, nodes, &Tenancy::default())
+}
+
+/// Computes the desired state. Pure and total: no input makes it fail or panic; every
+/// problem is reported on the Service, Node or policy it concerns.
+pub fn desired_with(
+    config: &Config,
+    services: &[ServiceSpec],
+    nodes: &[NodeSpec],
+    tenancy: &Tenancy,
+) -> Desired {
     // Pools: every pool named by a Node label, plus every pool listed in the config.
     let mut pools: BTreeMap<PoolName, PoolState> = BTreeMap::new();
     let mut unpooled_nodes = Vec::new();
@@ -164,6 +187,8 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
     let mut reports = Vec::with_capacity(services.len());
     let mut intents: Vec<(ServiceIntent, usize)> = Vec::new();
     let mut pinned = BTreeSet::new();
+    let mut closed = BTreeMap::new();
+    let mut verdicts: Vec<(ServiceRef, Verdict)> = Vec::new();
     let mut range_cache = RangeCache::default();
     let no_pools: Arc<[PoolName]> = Arc::from(Vec::new());
     for svc in services {
@@ -171,6 +196,7 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
             service: svc.service.clone(),
             status: ServiceStatus::Managed,
             reason: None,
+            policy: None,
             errors: Vec::new(),
             warnings: Vec::new(),
             pools: Arc::clone(&no_pools),
@@ -178,7 +204,21 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
         match admit_cached(svc, config, &mut range_cache) {
             Admission::Managed(intent) => {
                 report.warnings = intent.warnings.clone();
-                intents.push((intent, reports.len()));
+                let verdict = tenancy.judge(&config.policy, &intent);
+                match &verdict {
+                    Verdict::Admitted { policy } => {
+                        report.policy = policy.clone();
+                        intents.push((intent, reports.len()));
+                    }
+                    Verdict::Closed { by, reasons } => {
+                        let why = reasons.join("; ");
+                        report.status = ServiceStatus::Closed;
+                        report.policy = Some(by.clone());
+                        closed.insert(svc.service.clone(), Arc::from(why.as_str()));
+                        report.reason = Some(why);
+                    }
+                }
+                verdicts.push((svc.service.clone(), verdict));
             }
             Admission::Unmanaged { reason } => {
                 report.status = ServiceStatus::Unmanaged;
@@ -285,6 +325,7 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
         }
     }
 
+    let policies = tenancy.reports(verdicts.iter().map(|(s, v)| (s.namespace(), v)));
     Desired {
         cluster: config.cluster_name.clone(),
         port_merge: config.policy.port_merge,
@@ -292,6 +333,8 @@ pub fn desired(config: &Config, services: &[ServiceSpec], nodes: &[NodeSpec]) ->
         services: Arc::new(reports),
         unpooled_nodes,
         pinned,
+        closed,
+        policies,
     }
 }
 

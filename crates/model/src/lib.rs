@@ -19,19 +19,23 @@ pub mod net;
 pub mod node;
 mod parallel;
 pub mod plan;
+pub mod policy;
 pub mod rule;
 pub mod service;
 pub mod set;
 
 pub use annotations::{ANNOTATION_PREFIX, Admission, ServiceIntent};
-pub use config::{Config, Policy, PoolConfig, PortMerge};
-pub use desired::{Desired, Grant, PoolSelector, PoolState, PortGrant, ServiceReport, desired};
+pub use config::{Config, MinPrefixLength, Policy, PoolConfig, PortMerge};
+pub use desired::{
+    Desired, Grant, PoolSelector, PoolState, PortGrant, ServiceReport, desired, desired_with,
+};
 pub use net::{IpFamily, SourceSet};
 pub use node::{NodeSpec, PoolName};
 pub use plan::{
     Action, Change, ManualSteps, Observation, ObservedRule, Plan, PlanError, PoolResolution,
     PoolTarget, Summary, Target, TargetPlan, plan,
 };
+pub use policy::{NamespaceSpec, PolicyReport, PolicySource, Tenancy, Verdict};
 pub use rule::{Limits, PortRange, Protocol, Render, Rule, RuleContent, ShapeRenderer};
 pub use service::{ServicePort, ServiceRef, ServiceSpec, ServiceType};
 pub use set::{PoolSet, ServiceSet, SharedSet};

@@ -275,6 +275,9 @@ pub struct Plan {
     pub targets: Vec<TargetPlan>,
     pub pools: Vec<PoolReport>,
     pub services: Arc<Vec<ServiceReport>>,
+    /// Every namespace policy and how it fared.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<crate::policy::PolicyReport>,
     pub unpooled_nodes: Vec<String>,
     pub summary: Summary,
 }
@@ -386,6 +389,7 @@ pub fn plan(
         targets,
         pools,
         services: Arc::clone(&desired.services),
+        policies: desired.policies.clone(),
         unpooled_nodes: desired.unpooled_nodes.clone(),
         summary,
     }
@@ -452,7 +456,7 @@ fn plan_one(
         pools,
         want,
         observation,
-        &desired.pinned,
+        desired,
         failed_pools,
         renderer,
     )
@@ -486,10 +490,13 @@ pub fn plan_target(
     pools: BTreeSet<PoolName>,
     mut want: Vec<Rule>,
     observation: &Observation,
-    pinned_services: &BTreeSet<crate::service::ServiceRef>,
+    desired: &Desired,
     failed_pools: &BTreeSet<&PoolName>,
     renderer: &dyn Render,
 ) -> TargetPlan {
+    // Invalid Services' rules are kept; closed Services' rules go, and the plan says why.
+    let pinned_services = &desired.pinned;
+    let closed_services = &desired.closed;
     want.sort_unstable_by(|a, b| a.content.cmp(&b.content));
     want.dedup_by(|a, b| a.content == b.content);
     let limits = &observation.limits;
@@ -588,6 +595,27 @@ pub fn plan_target(
     for (i, r) in owned.iter().enumerate() {
         if !matched[i] {
             changes.push(change(Action::Remove, r.rule.clone(), r.id.clone()));
+        }
+    }
+    // A removal because the policy closed a Service says so: it is not a silent removal.
+    if !closed_services.is_empty() {
+        for c in changes
+            .iter_mut()
+            .filter(|c| matches!(c.action, Action::Remove | Action::Update))
+        {
+            let was = match c.action {
+                Action::Remove => Some(&c.rule),
+                _ => c.previous.as_ref(),
+            };
+            let why: Vec<String> = was
+                .into_iter()
+                .flat_map(|r| r.services.iter())
+                .filter(|s| !(c.action == Action::Update && c.rule.services.contains(*s)))
+                .filter_map(|s| closed_services.get(s).map(|why| format!("{s}: {why}")))
+                .collect();
+            if !why.is_empty() {
+                c.note = Some(format!("closed: {}", why.join("; ")));
+            }
         }
     }
     // Removes, updates, adds, then the rest; each group by content. One sort: changes are
