@@ -1,5 +1,6 @@
-//! A Kubernetes API server for tests: list and watch of Services and Nodes, server-side-apply
-//! patches of Service status, events.k8s.io/v1 Events and coordination.k8s.io/v1 Leases.
+//! A Kubernetes API server for tests: list and watch of Services, Nodes, Namespaces and
+//! NodePortFirewallPolicies (cluster-scoped custom resources), server-side-apply patches of
+//! Service and policy status, events.k8s.io/v1 Events and coordination.k8s.io/v1 Leases.
 //!
 //! What it reproduces, because kube's reflectors and our controller depend on it:
 //! - every write bumps one global `resourceVersion`; lists carry it, watches resume from it;
@@ -43,6 +44,9 @@ struct State {
     history: Vec<Change>,
     events: Vec<Value>,
     status_patches: Vec<Value>,
+    policy_status_patches: Vec<Value>,
+    /// Resources whose list and watch answer 403 Forbidden, as RBAC would.
+    forbidden: Vec<String>,
     list_delay: Duration,
     lists: BTreeMap<String, usize>,
     watches: BTreeMap<String, usize>,
@@ -99,9 +103,15 @@ fn kind_of(resource: &str) -> Option<&'static str> {
     match resource {
         "services" => Some("Service"),
         "nodes" => Some("Node"),
+        "namespaces" => Some("Namespace"),
         _ => None,
     }
 }
+
+/// The group/version of our custom resources, and the one the policy kind is served at.
+pub const POLICY_API_VERSION: &str = "nodeport-firewall.io/v1alpha1";
+const POLICY_KIND: &str = "NodePortFirewallPolicy";
+const POLICY_RESOURCE: &str = "nodeportfirewallpolicies";
 
 impl ApiServer {
     /// Starts the server on the current tokio runtime.
@@ -178,6 +188,15 @@ impl ApiServer {
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         obj["metadata"]["uid"] = json!(format!("uid-{}", key(&obj)));
         let k = (kind.to_string(), key(&obj));
+        // metadata.generation counts changes of the spec, as the API server keeps it.
+        let generation = match st.objects.get(&k) {
+            None => 1,
+            Some(old) => {
+                let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
+                if old["spec"] == obj["spec"] { g } else { g + 1 }
+            }
+        };
+        obj["metadata"]["generation"] = json!(generation);
         if ty == "DELETED" {
             st.objects.remove(&k);
         } else {
@@ -236,6 +255,17 @@ impl ApiServer {
         self.state.lock().unwrap().status_patches.clone()
     }
 
+    /// Server-side-apply patches of NodePortFirewallPolicy status received so far.
+    pub fn policy_status_patches(&self) -> Vec<Value> {
+        self.state.lock().unwrap().policy_status_patches.clone()
+    }
+
+    /// Makes list and watch of `resource` ("namespaces", "nodeportfirewallpolicies", …)
+    /// answer 403 Forbidden, as a missing RBAC rule would.
+    pub fn forbid(&self, resource: &str) {
+        self.state.lock().unwrap().forbidden.push(resource.to_string());
+    }
+
     /// How many status patches were received.
     pub fn status_patch_count(&self) -> usize {
         self.state.lock().unwrap().status_patches.len()
@@ -269,7 +299,52 @@ impl ApiServer {
             return status(400, "BadRequest");
         };
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let forbidden = {
+            let st = self.state.lock().unwrap();
+            parts
+                .iter()
+                .find(|p| st.forbidden.iter().any(|f| f == *p))
+                .map(|p| p.to_string())
+        };
+        if let Some(resource) = forbidden {
+            let message = format!(
+                "{resource} is forbidden: User \"system:serviceaccount:test:nodeport-firewall\" cannot list resource \"{resource}\" at the cluster scope"
+            );
+            return full(
+                StatusCode::FORBIDDEN,
+                status_object(403, "Forbidden", &message),
+            );
+        }
         match (method, parts.as_slice()) {
+            (Method::GET, ["apis", "nodeport-firewall.io", "v1alpha1", POLICY_RESOURCE]) => {
+                if query.get("watch").is_some_and(|w| w == "1" || w == "true") {
+                    self.watch(POLICY_RESOURCE, POLICY_KIND, &query)
+                } else {
+                    self.list(POLICY_RESOURCE, POLICY_KIND).await
+                }
+            }
+            (Method::GET, ["apis", "nodeport-firewall.io", "v1alpha1", POLICY_RESOURCE, name]) => {
+                match self.get(POLICY_KIND, name) {
+                    Some(obj) => full(StatusCode::OK, obj),
+                    None => status(404, "NotFound"),
+                }
+            }
+            (
+                Method::PATCH,
+                ["apis", "nodeport-firewall.io", "v1alpha1", POLICY_RESOURCE, name, "status"],
+            ) => {
+                let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+                    return status(400, "BadRequest");
+                };
+                let Some(mut obj) = self.get(POLICY_KIND, name) else {
+                    return status(404, "NotFound");
+                };
+                // The status subresource changes the status only.
+                obj["status"] = patch["status"].clone();
+                self.state.lock().unwrap().policy_status_patches.push(patch);
+                self.put(POLICY_KIND, obj.clone(), "MODIFIED");
+                full(StatusCode::OK, obj)
+            }
             (Method::GET, ["api", "v1", resource]) => match kind_of(resource) {
                 Some(kind) if query.get("watch").is_some_and(|w| w == "1" || w == "true") => {
                     self.watch(resource, kind, &query)
@@ -339,9 +414,14 @@ impl ApiServer {
             .filter(|((k, _), _)| k == kind)
             .map(|(_, v)| v)
             .collect();
+        let api_version = if kind == POLICY_KIND {
+            POLICY_API_VERSION
+        } else {
+            "v1"
+        };
         full(
             StatusCode::OK,
-            json!({"kind": format!("{kind}List"), "apiVersion":"v1","metadata":{"resourceVersion": st.rv.to_string()},"items": items}),
+            json!({"kind": format!("{kind}List"), "apiVersion": api_version,"metadata":{"resourceVersion": st.rv.to_string()},"items": items}),
         )
     }
 
@@ -470,6 +550,18 @@ impl ApiServer {
 pub fn node(name: &str, pool: &str) -> Value {
     json!({"apiVersion":"v1","kind":"Node","metadata":{"name":name,"labels":{"pool":pool}},
         "status":{"addresses":[{"type":"InternalIP","address":"10.0.0.1"}]}})
+}
+
+/// A Namespace with labels.
+pub fn namespace(name: &str, labels: Value) -> Value {
+    let mut labels = labels;
+    labels["kubernetes.io/metadata.name"] = json!(name);
+    json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":name,"labels":labels}})
+}
+
+/// A NodePortFirewallPolicy with `spec`.
+pub fn policy(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": POLICY_API_VERSION, "kind": POLICY_KIND, "metadata": {"name": name}, "spec": spec})
 }
 
 /// An opted-in NodePort Service `default/<name>` with one TCP port and an allowlist.

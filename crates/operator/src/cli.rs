@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use nodeport_firewall_model::{Config, NodeSpec, ServiceSpec, desired};
+use nodeport_firewall_model::{Config, NamespaceSpec, NodeSpec, ServiceSpec, Tenancy, desired_with};
 use nodeport_firewall_provider::engine::{self, ApplyOutcome};
 
 use crate::output::{self, Style};
@@ -53,6 +53,9 @@ pub enum Command {
     Check(PlanArgs),
     /// The in-cluster controller: watch Services and Nodes, keep every pool's firewall in sync.
     Run(RunArgs),
+    /// Print the NodePortFirewallPolicy CustomResourceDefinition (YAML), as the Helm chart
+    /// and the kustomize base ship it.
+    Crd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -181,6 +184,10 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Apply(args) => apply(args).await,
         Command::Check(args) => check(args).await,
         Command::Run(args) => run_controller(args).await,
+        Command::Crd => {
+            print!("{}", crate::policy::crd_yaml().map_err(Error::Io)?);
+            Ok(EXIT_NO_CHANGES)
+        }
     }
 }
 
@@ -220,8 +227,19 @@ async fn prepare(args: &PlanArgs) -> Result<Prepared> {
             })?,
         );
     }
+    let policies: Vec<_> = manifests
+        .policies
+        .iter()
+        .map(crate::policy::source)
+        .collect();
+    let namespaces: Vec<NamespaceSpec> = manifests
+        .namespaces
+        .iter()
+        .filter_map(NamespaceSpec::from_k8s)
+        .collect();
+    let tenancy = Tenancy::new(&policies, &namespaces);
     let backend = providers::build(args.provider, &config, args.state.as_deref()).await?;
-    let d = desired(&config, &services, &nodes);
+    let d = desired_with(&config, &services, &nodes, &tenancy);
     let plan = engine::plan(backend.provider(), &config, &d).await;
     let color =
         !args.no_color && std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal();

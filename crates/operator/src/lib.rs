@@ -5,6 +5,7 @@ pub mod cli;
 pub mod controller;
 pub mod manifests;
 pub mod output;
+pub mod policy;
 pub mod providers;
 
 /// Errors the CLI reports before exiting with status 1.

@@ -1,11 +1,12 @@
-//! Reads Service and Node manifests from YAML/JSON files and directories: multi-document
-//! files, `kubectl get -o yaml` lists, and single objects.
+//! Reads Service, Node, Namespace and NodePortFirewallPolicy manifests from YAML/JSON files
+//! and directories: multi-document files, `kubectl get -o yaml` lists, and single objects.
 
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use serde::Deserialize;
 
+use crate::policy::NodePortFirewallPolicy;
 use crate::{Error, Result};
 
 /// The objects found, in file order.
@@ -13,6 +14,9 @@ use crate::{Error, Result};
 pub struct Manifests {
     pub services: Vec<Service>,
     pub nodes: Vec<Node>,
+    /// Namespaces: their labels are what policies select by.
+    pub namespaces: Vec<Namespace>,
+    pub policies: Vec<NodePortFirewallPolicy>,
     /// Objects of other kinds, which `plan` ignores: (file, kind).
     pub ignored: Vec<(String, String)>,
 }
@@ -86,6 +90,20 @@ fn add_object(value: serde_yaml::Value, out: &mut Manifests) -> Result<(), Strin
         "Node" => out
             .nodes
             .push(serde_yaml::from_value(value).map_err(|e| format!("Node: {e}"))?),
+        "Namespace" => out
+            .namespaces
+            .push(serde_yaml::from_value(value).map_err(|e| format!("Namespace: {e}"))?),
+        "NodePortFirewallPolicy"
+            if value
+                .get("apiVersion")
+                .and_then(|v| v.as_str())
+                .is_some_and(|v| v.starts_with(&format!("{}/", crate::policy::GROUP))) =>
+        {
+            out.policies.push(
+                serde_yaml::from_value(value)
+                    .map_err(|e| format!("NodePortFirewallPolicy: {e}"))?,
+            )
+        }
         k if k == "List" || k.ends_with("List") => {
             let items = match value.get("items") {
                 Some(serde_yaml::Value::Sequence(items)) => items.clone(),
@@ -138,11 +156,20 @@ items:
 - apiVersion: apps/v1
   kind: Deployment
   metadata: {name: d}
+- apiVersion: v1
+  kind: Namespace
+  metadata: {name: team-a, labels: {team: a}}
+- apiVersion: nodeport-firewall.io/v1alpha1
+  kind: NodePortFirewallPolicy
+  metadata: {name: team-a}
+  spec: {namespaces: [team-a], allowedSourceRanges: [10.0.0.0/8]}
 "#;
         let mut m = Manifests::default();
         parse_into("t.yaml", text, &mut m).unwrap();
         assert_eq!(m.services.len(), 2);
         assert_eq!(m.nodes.len(), 1);
+        assert_eq!(m.namespaces.len(), 1);
+        assert_eq!(m.policies.len(), 1);
         assert_eq!(m.ignored, vec![("d".to_string(), "Deployment".to_string())]);
     }
 
@@ -155,6 +182,10 @@ items:
             ),
             ("metadata: {name: a}\n", "object has no kind"),
             ("kind: [\n", "t.yaml"),
+            (
+                "apiVersion: nodeport-firewall.io/v1alpha1\nkind: NodePortFirewallPolicy\nmetadata: {name: p}\nspec: {allowedSourceRanges: 3}\n",
+                "NodePortFirewallPolicy: ",
+            ),
         ];
         for (text, want) in cases {
             let mut m = Manifests::default();

@@ -65,11 +65,17 @@ fn line(change: &Change, style: Style, verbose: bool) -> Option<String> {
         .unwrap_or_default();
     let text = match change.action {
         Action::Add => style.green(&format!("  + {}", describe(&change.rule))),
-        Action::Remove => style.red(&format!("  - {}{id}", describe(&change.rule))),
+        Action::Remove => match &change.note {
+            Some(note) => style.red(&format!("  - {}{id}  -- {note}", describe(&change.rule))),
+            None => style.red(&format!("  - {}{id}", describe(&change.rule))),
+        },
         Action::Update => {
             let mut s = style.yellow(&format!("  ~ {}{id}", describe(&change.rule)));
             if let Some(prev) = &change.previous {
                 let _ = write!(s, "\n      was: {}", describe(prev));
+            }
+            if let Some(note) = &change.note {
+                let _ = write!(s, "\n      -- {note}");
             }
             s
         }
@@ -209,11 +215,26 @@ pub fn text(plan: &Plan, verbose: bool, style: Style) -> String {
                 s.service
             )));
         }
+        if s.status == ServiceStatus::Closed {
+            warnings.push(style.red(&format!(
+                "{}: closed by {}: {} (its rules are removed)",
+                s.service,
+                s.policy.as_deref().unwrap_or("policy"),
+                s.reason.as_deref().unwrap_or("refused")
+            )));
+        }
         if s.status != ServiceStatus::Unmanaged {
             for w in &s.warnings {
                 warnings.push(format!("{}: {w}", s.service));
             }
         }
+    }
+    for p in plan.policies.iter().filter(|p| !p.accepted) {
+        warnings.push(style.red(&format!(
+            "NodePortFirewallPolicy {} is invalid and admits nothing: {}",
+            p.name,
+            p.message.as_deref().unwrap_or("")
+        )));
     }
     for n in &plan.unpooled_nodes {
         warnings.push(format!(
@@ -252,6 +273,21 @@ pub fn text(plan: &Plan, verbose: bool, style: Style) -> String {
             if n == 1 { "" } else { "s" },
             if n == 1 { "it" } else { "them" }
         );
+    }
+
+    if verbose && !plan.policies.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Policies:");
+        for p in &plan.policies {
+            let _ = writeln!(
+                out,
+                "  {}: {}, {} Service(s) admitted, {} refused",
+                p.name,
+                if p.accepted { "accepted" } else { "INVALID" },
+                p.admitted,
+                p.refused
+            );
+        }
     }
 
     let _ = writeln!(out);

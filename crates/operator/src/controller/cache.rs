@@ -1,9 +1,12 @@
-//! Reflectors for Services and Nodes, stripped to what the planner needs.
+//! Reflectors for Services, Nodes, Namespaces and policies, stripped to what the planner
+//! needs.
 
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec as K8sNodeSpec, NodeStatus, Service};
+use k8s_openapi::api::core::v1::{
+    Namespace, Node, NodeAddress, NodeSpec as K8sNodeSpec, NodeStatus, Service,
+};
 use kube::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -12,12 +15,15 @@ use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use super::feedback::{CONDITION_TYPE, fingerprint_condition};
+use crate::policy::NodePortFirewallPolicy;
 
 /// The operator's view of the cluster: one store per kind.
 #[derive(Clone)]
 pub struct Caches {
     pub services: Store<Service>,
     pub nodes: Store<Node>,
+    pub namespaces: Store<Namespace>,
+    pub policies: Store<NodePortFirewallPolicy>,
 }
 
 impl std::fmt::Debug for Caches {
@@ -25,12 +31,15 @@ impl std::fmt::Debug for Caches {
         f.debug_struct("Caches")
             .field("services", &self.services.len())
             .field("nodes", &self.nodes.len())
+            .field("namespaces", &self.namespaces.len())
+            .field("policies", &self.policies.len())
             .finish()
     }
 }
 
 impl Caches {
-    /// Waits until both stores have seen their initial list. Errors when a reflector stopped.
+    /// Waits until every store has seen its initial list: a plan from a partial view of
+    /// the policies could open what they forbid. Errors when a reflector stopped.
     pub async fn wait_until_ready(&self) -> Result<(), String> {
         self.services
             .wait_until_ready()
@@ -39,7 +48,14 @@ impl Caches {
         self.nodes
             .wait_until_ready()
             .await
-            .map_err(|e| format!("node reflector stopped: {e}"))
+            .map_err(|e| format!("node reflector stopped: {e}"))?;
+        self.namespaces
+            .wait_until_ready()
+            .await
+            .map_err(|e| format!("namespace reflector stopped: {e}"))?;
+        self.policies.wait_until_ready().await.map_err(|e| {
+            format!("NodePortFirewallPolicy reflector stopped: {e} (is the CRD installed?)")
+        })
     }
 }
 
@@ -107,8 +123,8 @@ pub fn strip_node(node: &mut Node, pool_labels: &[String]) {
     });
 }
 
-/// Starts the Service and Node reflectors. Every change that reaches a store notifies
-/// `changed`. The returned tasks run until aborted.
+/// Starts the reflectors of Services, Nodes, Namespaces and NodePortFirewallPolicies. Every
+/// change that reaches a store notifies `changed`. The returned tasks run until aborted.
 pub fn start(
     client: kube::Client,
     pool_labels: Vec<String>,
@@ -116,35 +132,58 @@ pub fn start(
 ) -> (Caches, Vec<tokio::task::JoinHandle<()>>) {
     let (services, svc_writer) = reflector::store::<Service>();
     let (nodes, node_writer) = reflector::store::<Node>();
+    let (namespaces, ns_writer) = reflector::store::<Namespace>();
+    let (policies, policy_writer) = reflector::store::<NodePortFirewallPolicy>();
+    let tasks = vec![
+        reflect(
+            Api::all(client.clone()),
+            strip_service,
+            svc_writer,
+            changed.clone(),
+        ),
+        reflect(
+            Api::all(client.clone()),
+            move |n: &mut Node| strip_node(n, &pool_labels),
+            node_writer,
+            changed.clone(),
+        ),
+        reflect(
+            Api::all(client.clone()),
+            strip_namespace,
+            ns_writer,
+            changed.clone(),
+        ),
+        reflect(Api::all(client), strip_policy, policy_writer, changed),
+    ];
+    (
+        Caches {
+            services,
+            nodes,
+            namespaces,
+            policies,
+        },
+        tasks,
+    )
+}
 
-    let svc_api: Api<Service> = Api::all(client.clone());
-    let svc_changed = changed.clone();
-    let svc_task = tokio::spawn(async move {
-        watcher(svc_api, watcher::Config::default())
+/// One reflector: lists and watches `api`, strips each object with `strip`, keeps them in
+/// the store behind `writer`, and notifies `changed` on every change to the store.
+fn reflect<K>(
+    api: Api<K>,
+    strip: impl FnMut(&mut K) + Send + 'static,
+    writer: reflector::store::Writer<K>,
+    changed: Arc<Notify>,
+) -> tokio::task::JoinHandle<()>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let kind = K::kind(&K::DynamicType::default()).to_string();
+    tokio::spawn(async move {
+        watcher(api, watcher::Config::default())
             .default_backoff()
-            .modify(strip_service)
-            .reflect(svc_writer)
-            .for_each(|ev| {
-                match ev {
-                    Ok(ev) => {
-                        if is_change(&ev) {
-                            svc_changed.notify_one();
-                        }
-                    }
-                    Err(e) => warn!(kind = "Service", error = %e, "watch failed; retrying"),
-                }
-                futures::future::ready(())
-            })
-            .await;
-        debug!(kind = "Service", "reflector stopped");
-    });
-
-    let node_api: Api<Node> = Api::all(client);
-    let node_task = tokio::spawn(async move {
-        watcher(node_api, watcher::Config::default())
-            .default_backoff()
-            .modify(move |n| strip_node(n, &pool_labels))
-            .reflect(node_writer)
+            .modify(strip)
+            .reflect(writer)
             .for_each(|ev| {
                 match ev {
                     Ok(ev) => {
@@ -152,15 +191,34 @@ pub fn start(
                             changed.notify_one();
                         }
                     }
-                    Err(e) => warn!(kind = "Node", error = %e, "watch failed; retrying"),
+                    Err(e) => warn!(kind = %kind, error = %e, "watch failed; retrying"),
                 }
                 futures::future::ready(())
             })
             .await;
-        debug!(kind = "Node", "reflector stopped");
-    });
+        debug!(kind = %kind, "reflector stopped");
+    })
+}
 
-    (Caches { services, nodes }, vec![svc_task, node_task])
+/// Keeps of a Namespace only its name and labels: what policies select by.
+pub fn strip_namespace(ns: &mut Namespace) {
+    let meta = &mut ns.metadata;
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    ns.spec = None;
+    ns.status = None;
+}
+
+/// Keeps of a policy its spec, generation and status (ours: small, and it tells when the
+/// condition last changed). Only the spec is an input of the plan.
+pub fn strip_policy(p: &mut NodePortFirewallPolicy) {
+    let meta = &mut p.metadata;
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.labels = None;
+    meta.owner_references = None;
 }
 
 /// Events that change a store's content: objects applied or deleted, and the end of a

@@ -186,6 +186,29 @@ pub fn decide(out: &Outcome<'_>, had_condition: &BTreeSet<ServiceRef>) -> Vec<Se
                     }],
                 });
             }
+            ServiceStatus::Closed => {
+                let by = report.policy.as_deref().unwrap_or("the policy");
+                let why = report.reason.as_deref().unwrap_or("refused");
+                result.push(ServiceFeedback {
+                    service: svc.clone(),
+                    condition: Some(ConditionState {
+                        status: false,
+                        reason: "PolicyViolation".into(),
+                        message: truncate(
+                            format!("{dry}closed by {by}: {why}; its firewall rules are removed"),
+                            MAX_MESSAGE,
+                        ),
+                    }),
+                    events: vec![Report {
+                        warning: true,
+                        reason: "PolicyViolation".into(),
+                        note: truncate(
+                            format!("{dry}closed by {by}: {why}. Its firewall rules are removed until it asks only for what the policy permits."),
+                            MAX_MESSAGE,
+                        ),
+                    }],
+                });
+            }
             ServiceStatus::Managed => {
                 result.push(managed(out, report, &outcomes, &pool_errors, dry));
             }

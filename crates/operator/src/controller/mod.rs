@@ -17,6 +17,7 @@ pub mod gate;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod policy_status;
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -25,7 +26,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nodeport_firewall_model::{Action, Config, NodeSpec, Plan, ServiceRef, ServiceSpec, desired};
+use nodeport_firewall_model::{
+    Action, Config, NamespaceSpec, NodeSpec, Plan, PolicySource, ServiceRef, ServiceSpec, Tenancy,
+    desired_with,
+};
 use nodeport_firewall_provider::engine::{self, ApplyOutcome, Observed};
 use nodeport_firewall_provider::{Provider, Target};
 use tokio::sync::{Notify, watch};
@@ -38,6 +42,7 @@ use self::gate::Gated;
 use self::http::Health;
 use self::leader::{Elector, Leadership, LeaseConfig};
 use self::metrics::{Metrics, PoolLabels, TargetLabels};
+use self::policy_status::PolicyStatusPublisher;
 
 /// Selects rustls' `ring` crypto provider for the Kubernetes client. Both `ring` (kube) and
 /// `aws-lc-rs` (the AWS SDK) are linked, so rustls cannot pick one by itself. Idempotent.
@@ -117,12 +122,24 @@ impl Context {
 }
 
 /// The inputs of a plan.
-type Inputs = (Vec<ServiceSpec>, Vec<NodeSpec>);
+struct Inputs {
+    services: Vec<ServiceSpec>,
+    nodes: Vec<NodeSpec>,
+    namespaces: Vec<NamespaceSpec>,
+    policies: Vec<PolicySource>,
+}
 
 /// A digest of a plan's inputs, to skip replanning when a change did not touch them
 /// without keeping a second copy of every Service.
 fn fingerprint(inputs: &Inputs) -> u64 {
-    feedback::fingerprint(inputs)
+    // Policies hold label selectors, which are not `Hash`: their JSON is.
+    let policies = serde_json::to_string(&inputs.policies).unwrap_or_default();
+    feedback::fingerprint(&(
+        &inputs.services,
+        &inputs.nodes,
+        &inputs.namespaces,
+        policies,
+    ))
 }
 
 fn inputs(caches: &Caches, config: &Config) -> Inputs {
@@ -140,7 +157,26 @@ fn inputs(caches: &Caches, config: &Config) -> Inputs {
         .filter_map(|n| NodeSpec::from_k8s(n, &config.pool_labels).ok())
         .collect();
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
-    (services, nodes)
+    let mut namespaces: Vec<NamespaceSpec> = caches
+        .namespaces
+        .state()
+        .iter()
+        .filter_map(|n| NamespaceSpec::from_k8s(n))
+        .collect();
+    namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut policies: Vec<PolicySource> = caches
+        .policies
+        .state()
+        .iter()
+        .map(|p| crate::policy::source(p))
+        .collect();
+    policies.sort_by(|a, b| a.name.cmp(&b.name));
+    Inputs {
+        services,
+        nodes,
+        namespaces,
+        policies,
+    }
 }
 
 /// Runs the controller until `shutdown` completes. In-flight applies finish first; then the
@@ -197,6 +233,7 @@ pub async fn run(
         gated,
         leadership: leadership.clone(),
         publisher: Publisher::new(ctx.client.clone(), ctx.settings.identity.clone()),
+        policy_status: PolicyStatusPublisher::new(ctx.client.clone()),
         last_inputs: None,
         observed: Observed::default(),
         stopping: stopping.clone(),
@@ -212,6 +249,8 @@ pub async fn run(
         info!(
             services = caches.services.len(),
             nodes = caches.nodes.len(),
+            namespaces = caches.namespaces.len(),
+            policies = caches.policies.len(),
             "caches synced"
         );
         lp.event_loop(&changed).await;
@@ -243,6 +282,7 @@ struct Loop<'a> {
     gated: Arc<Gated>,
     leadership: Leadership,
     publisher: Publisher,
+    policy_status: PolicyStatusPublisher,
     last_inputs: Option<u64>,
     /// What each target held when last read and not written since: a change to one pool
     /// re-reads only that pool's targets. Cleared on every resync and leadership change.
@@ -277,6 +317,7 @@ impl Loop<'_> {
                     } else {
                         // The next leader reports afresh; so will we, if we lead again.
                         self.publisher.reset();
+                        self.policy_status.reset();
                         self.last_inputs = None;
                         self.observed.clear();
                     }
@@ -326,7 +367,8 @@ impl Loop<'_> {
         if force {
             self.observed.clear();
         }
-        let d = desired(&ctx.config, &inputs.0, &inputs.1);
+        let tenancy = Tenancy::new(&inputs.policies, &inputs.namespaces);
+        let d = desired_with(&ctx.config, &inputs.services, &inputs.nodes, &tenancy);
         drop(inputs);
         let plan =
             engine::plan_with_cache(self.gated.as_ref(), &ctx.config, &d, &mut self.observed).await;
@@ -388,6 +430,9 @@ impl Loop<'_> {
             let keep_going = move || leadership.is_leader() && !*stopping.borrow();
             self.publisher
                 .publish(fb, &self.caches.services, &keep_going)
+                .await;
+            self.policy_status
+                .publish(&plan.policies, &self.caches.policies, &keep_going)
                 .await;
         }
         self.last_inputs = Some(inputs_print);
