@@ -263,7 +263,11 @@ impl ApiServer {
     /// Makes list and watch of `resource` ("namespaces", "nodeportfirewallpolicies", …)
     /// answer 403 Forbidden, as a missing RBAC rule would.
     pub fn forbid(&self, resource: &str) {
-        self.state.lock().unwrap().forbidden.push(resource.to_string());
+        self.state
+            .lock()
+            .unwrap()
+            .forbidden
+            .push(resource.to_string());
     }
 
     /// How many status patches were received.
@@ -323,15 +327,29 @@ impl ApiServer {
                     self.list(POLICY_RESOURCE, POLICY_KIND).await
                 }
             }
-            (Method::GET, ["apis", "nodeport-firewall.io", "v1alpha1", POLICY_RESOURCE, name]) => {
-                match self.get(POLICY_KIND, name) {
-                    Some(obj) => full(StatusCode::OK, obj),
-                    None => status(404, "NotFound"),
-                }
-            }
+            (
+                Method::GET,
+                [
+                    "apis",
+                    "nodeport-firewall.io",
+                    "v1alpha1",
+                    POLICY_RESOURCE,
+                    name,
+                ],
+            ) => match self.get(POLICY_KIND, name) {
+                Some(obj) => full(StatusCode::OK, obj),
+                None => status(404, "NotFound"),
+            },
             (
                 Method::PATCH,
-                ["apis", "nodeport-firewall.io", "v1alpha1", POLICY_RESOURCE, name, "status"],
+                [
+                    "apis",
+                    "nodeport-firewall.io",
+                    "v1alpha1",
+                    POLICY_RESOURCE,
+                    name,
+                    "status",
+                ],
             ) => {
                 let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
                     return status(400, "BadRequest");

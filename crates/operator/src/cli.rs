@@ -4,7 +4,9 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use nodeport_firewall_model::{Config, NamespaceSpec, NodeSpec, ServiceSpec, Tenancy, desired_with};
+use nodeport_firewall_model::{
+    Config, NamespaceSpec, NodeSpec, ServiceSpec, Tenancy, desired_with,
+};
 use nodeport_firewall_provider::engine::{self, ApplyOutcome};
 
 use crate::output::{self, Style};

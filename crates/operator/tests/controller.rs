@@ -351,3 +351,141 @@ async fn a_watch_answered_410_gone_relists_and_keeps_the_rules() {
     eventually("the new Service's rule", || rules(&p)["a"].len() == 2).await;
     run.stop().await;
 }
+
+/// `service()` in another namespace.
+fn service_in(namespace: &str, name: &str, node_port: u16, ranges: &str) -> serde_json::Value {
+    let mut s = service(name, node_port, ranges);
+    s["metadata"]["namespace"] = serde_json::json!(namespace);
+    s
+}
+
+fn warnings_for(server: &ApiServer, name: &str, reason: &str) -> Vec<String> {
+    server
+        .events()
+        .iter()
+        .filter(|e| e["regarding"]["name"] == name && e["reason"] == reason)
+        .map(|e| e["note"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn last_policy_status(server: &ApiServer, name: &str) -> Option<serde_json::Value> {
+    server
+        .get("NodePortFirewallPolicy", name)
+        .map(|p| p["status"].clone())
+        .filter(|s| !s.is_null())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_opens_and_closes_exactly_its_services_with_events_and_status() {
+    use nodeport_firewall_e2e::kube_api::{namespace, policy};
+    use serde_json::json;
+    let server = ApiServer::start().await;
+    server.put("Node", node("n1", "a"), "ADDED");
+    server.put(
+        "Namespace",
+        namespace("team-a", json!({"team": "a"})),
+        "ADDED",
+    );
+    server.put("Namespace", namespace("default", json!({})), "ADDED");
+    server.put(
+        "Service",
+        service_in("team-a", "web", 30080, "10.1.0.0/16"),
+        "ADDED",
+    );
+    server.put(
+        "Service",
+        service_in("team-a", "wide", 30081, "192.168.0.0/16"),
+        "ADDED",
+    );
+    server.put("Service", service("other", 30090, "10.3.0.0/16"), "ADDED");
+    let p = memory();
+    let config = Config::from_yaml(
+        "clusterName: test\npoolLabels: [pool]\npolicy:\n  requireNamespacePolicy: true\n",
+    )
+    .unwrap();
+    let run = spawn_with(&server, p.clone(), settings(), config);
+
+    // No policy yet: every Service is closed, loudly.
+    eventually("PolicyViolation on other", || {
+        !warnings_for(&server, "other", "PolicyViolation").is_empty()
+    })
+    .await;
+    assert!(rules(&p).values().all(|r| r.is_empty()), "{:?}", rules(&p));
+    let note = &warnings_for(&server, "web", "PolicyViolation")[0];
+    assert!(
+        note.contains("no NodePortFirewallPolicy selects namespace team-a"),
+        "{note}"
+    );
+
+    // A policy for team-a's namespace by label: only what lies inside its ranges opens.
+    let spec = json!({"namespaceSelector": {"matchLabels": {"team": "a"}}, "allowedSourceRanges": ["10.0.0.0/8"]});
+    server.put("NodePortFirewallPolicy", policy("team-a", spec), "ADDED");
+    eventually("web open", || {
+        rules(&p).get("a").is_some_and(|r| r.len() == 1)
+    })
+    .await;
+    assert_eq!(rules(&p)["a"], vec!["30080 10.1.0.0/16".to_string()]);
+    eventually("policy status", || {
+        last_policy_status(&server, "team-a").is_some_and(|s| s["admittedServices"] == 1)
+    })
+    .await;
+    let status = last_policy_status(&server, "team-a").unwrap();
+    assert_eq!(status["conditions"][0]["type"], "Accepted");
+    assert_eq!(status["conditions"][0]["status"], "True");
+    assert_eq!(status["refusedServices"], 1, "wide is refused: {status}");
+    assert_eq!(status["observedGeneration"], 1);
+    let wide = warnings_for(&server, "wide", "PolicyViolation");
+    eventually("wide refused by team-a", || {
+        warnings_for(&server, "wide", "PolicyViolation")
+            .iter()
+            .any(|n| n.contains("policy team-a: source 192.168.0.0/16 is outside allowedSourceRanges (10.0.0.0/8)"))
+    })
+    .await;
+    assert!(!wide.is_empty());
+
+    // Tightening closes web: its rule, legal a moment ago, goes.
+    let spec = json!({"namespaceSelector": {"matchLabels": {"team": "a"}}, "allowedSourceRanges": ["10.2.0.0/16"]});
+    server.put("NodePortFirewallPolicy", policy("team-a", spec), "MODIFIED");
+    eventually("web closed", || rules(&p)["a"].is_empty()).await;
+    eventually("web told why", || {
+        warnings_for(&server, "web", "PolicyViolation")
+            .iter()
+            .any(|n| n.contains("closed by policy team-a") && n.contains("10.1.0.0/16 is outside"))
+    })
+    .await;
+    let patches = server.status_patches();
+    assert!(patches.iter().any(|p| {
+        let c = &p["status"]["conditions"][0];
+        c["reason"] == "PolicyViolation"
+            && c["status"] == "False"
+            && c["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("policy team-a")
+    }));
+
+    // An invalid policy admits nothing and says why in its status.
+    let spec = json!({"namespaceSelector": {"matchLabels": {"team": "a"}}, "allowedSourceRanges": ["10.0.0.0/8", "nope"]});
+    server.put("NodePortFirewallPolicy", policy("team-a", spec), "MODIFIED");
+    eventually("invalid status", || {
+        last_policy_status(&server, "team-a")
+            .is_some_and(|s| s["conditions"][0]["reason"] == "Invalid")
+    })
+    .await;
+    let status = last_policy_status(&server, "team-a").unwrap();
+    assert_eq!(status["conditions"][0]["status"], "False");
+    assert_eq!(status["observedGeneration"], 3);
+    assert!(rules(&p)["a"].is_empty());
+
+    // Fixed again, then deleted: web opens, then closes for want of any policy.
+    let spec = json!({"namespaceSelector": {"matchLabels": {"team": "a"}}, "allowedSourceRanges": ["10.0.0.0/8"]});
+    server.put(
+        "NodePortFirewallPolicy",
+        policy("team-a", spec.clone()),
+        "MODIFIED",
+    );
+    eventually("web open again", || rules(&p)["a"].len() == 1).await;
+    server.put("NodePortFirewallPolicy", policy("team-a", spec), "DELETED");
+    eventually("web closed again", || rules(&p)["a"].is_empty()).await;
+    run.stop().await;
+}

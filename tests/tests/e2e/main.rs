@@ -10,6 +10,7 @@ mod cli;
 mod deploy;
 mod gcp;
 mod manifests;
+mod policy;
 mod run;
 
 use std::path::{Path, PathBuf};

@@ -23,7 +23,7 @@ use crate::aws::Moto;
 use crate::cli::{Scratch, binary};
 
 /// The binary running `run`, killed on drop.
-struct Operator {
+pub(crate) struct Operator {
     child: Option<Child>,
     addr: String,
     log: PathBuf,
@@ -40,7 +40,13 @@ fn free_port() -> u16 {
 impl Operator {
     /// Starts `nodeport-firewall run --config <config> <args>` against `api`, with a
     /// kubeconfig in `dir`; `name` is its identity (events, Lease).
-    fn start(api: &ApiServer, dir: &Scratch, name: &str, config: &Path, args: &[&str]) -> Self {
+    pub(crate) fn start(
+        api: &ApiServer,
+        dir: &Scratch,
+        name: &str,
+        config: &Path,
+        args: &[&str],
+    ) -> Self {
         let kubeconfig = dir.path(&format!("kubeconfig-{name}"));
         api.kubeconfig(&kubeconfig);
         let addr = format!("127.0.0.1:{}", free_port());
@@ -132,12 +138,12 @@ impl Operator {
         )
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGTERM, then wait (at most 30 s) for a graceful exit.
-    fn stop(mut self) -> ExitStatus {
+    pub(crate) fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -165,7 +171,7 @@ impl Drop for Operator {
     }
 }
 
-fn eventually(what: &str, seconds: u64, op: &Operator, mut f: impl FnMut() -> bool) {
+pub(crate) fn eventually(what: &str, seconds: u64, op: &Operator, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     while !f() {
         assert!(

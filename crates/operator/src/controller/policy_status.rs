@@ -197,7 +197,10 @@ mod tests {
         let first = desired_status(&report(true, 3), Some(2), None, t0);
         let c = &first.conditions[0];
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Valid"));
-        assert!(c.message.contains("admits 3 Service(s); 1 in the namespaces"));
+        assert!(
+            c.message
+                .contains("admits 3 Service(s); 1 in the namespaces")
+        );
         assert_eq!(first.admitted_services, 3);
         assert_eq!(first.observed_generation, Some(2));
         // Same status later: the transition time stays.
@@ -208,7 +211,10 @@ mod tests {
         let bad = desired_status(&report(false, 0), Some(3), Some(&again), t1);
         let c = &bad.conditions[0];
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Invalid"));
-        assert!(c.message.contains("is not a CIDR; this policy admits nothing"));
+        assert!(
+            c.message
+                .contains("is not a CIDR; this policy admits nothing")
+        );
         assert_eq!(c.last_transition_time, Time(t1));
     }
 }
