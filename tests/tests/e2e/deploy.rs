@@ -25,6 +25,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use nodeport_firewall_model::annotations::{Admission, admit};
+use nodeport_firewall_model::policy::floor_violations;
 use nodeport_firewall_model::{Config, ServiceSpec};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -249,6 +250,9 @@ fn check_objects(objects: &[Value], source: &str) -> BTreeMap<String, Value> {
             ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding") => {
                 round_trip::<ValidatingAdmissionPolicyBinding>(doc, &what)
             }
+            ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+                round_trip::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>(doc, &what)
+            }
             ("monitoring.coreos.com/v1", "ServiceMonitor") => {
                 round_trip::<ServiceMonitor>(doc, &what)
             }
@@ -411,6 +415,19 @@ fn check_rbac(objects: &BTreeMap<String, Value>, source: &str) {
         rule("", "services", &["get", "list", "watch"], &[]),
         rule("", "nodes", &["get", "list", "watch"], &[]),
         rule("", "services/status", &["patch"], &[]),
+        rule("", "namespaces", &["get", "list", "watch"], &[]),
+        rule(
+            "nodeport-firewall.io",
+            "nodeportfirewallpolicies",
+            &["get", "list", "watch"],
+            &[],
+        ),
+        rule(
+            "nodeport-firewall.io",
+            "nodeportfirewallpolicies/status",
+            &["patch"],
+            &[],
+        ),
         rule("events.k8s.io", "events", &["create"], &[]),
     ]
     .into_iter()
@@ -537,6 +554,7 @@ fn kustomize_renders_the_base_and_every_overlay_into_valid_objects() {
     let base = check_objects(&kustomize(&kustomize_dir("base")), "base");
     let mut want: BTreeSet<String> = CORE_KINDS.iter().map(|s| s.to_string()).collect();
     want.insert("Namespace".into());
+    want.insert("CustomResourceDefinition".into());
     assert_eq!(kinds(&base), want);
     let d = one_of_kind(&base, "Deployment", "base");
     assert!(args_of(d).contains(&"--provider=memory".to_string()));
@@ -1403,7 +1421,17 @@ fn planner_refuses(
     .expect("config");
     match admit(&spec, &config) {
         Admission::Invalid { errors, .. } => Some(errors),
-        _ => None,
+        // The floor closes what the annotation asks for (the planner's other refusal).
+        Admission::Managed(intent) => {
+            let refused = floor_violations(&config.policy, &intent.sources);
+            (!refused.is_empty()).then(|| {
+                refused
+                    .into_iter()
+                    .map(|r| format!("{RANGES}: {r}"))
+                    .collect()
+            })
+        }
+        Admission::Unmanaged { .. } => None,
     }
 }
 
@@ -1487,7 +1515,19 @@ fn admission_policy_agrees_with_the_annotation_parser() {
         ("10.0.0.0/8 ::/0", false, Invalid),
         ("1.2.3.4/0", false, Invalid),
         ("0.0.0.0/00", false, Invalid),
-        ("0.0.0.0/1, 128.0.0.0/1", false, OperatorOnly),
+        // The floor: world-open by coverage, and no range wider than minPrefixLength.
+        ("0.0.0.0/1, 128.0.0.0/1", false, Invalid),
+        ("0.0.0.0/1, 128.0.0.0/2, 192.0.0.0/3", false, Invalid),
+        ("::/1", false, Invalid),
+        ("2000::/3", false, Invalid),
+        ("0.0.0.0/7", false, Invalid),
+        ("10.0.0.0/8, 11.0.0.0/8", false, OperatorOnly), // merged: a /7
+        ("fd00::/8", false, Valid),
+        ("172.16.0.0/12, 192.168.0.0/16, fd00::/8", false, Valid),
+        // With allowWorldOpen the policy leaves prefixes to the operator: half the Internet is
+        // refused there, all of it is allowed.
+        ("0.0.0.0/1", true, OperatorOnly),
+        ("0.0.0.0/1, 128.0.0.0/1", true, Valid),
         (&many_hosts, false, OperatorOnly),
     ];
     // (annotations, type, manageAllNodePortServices, want)
@@ -1924,4 +1964,56 @@ fn the_docs_cover_installation_and_troubleshooting() {
             "docs/troubleshooting.md covers {needle:?}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// the NodePortFirewallPolicy CRD
+
+/// What `nodeport-firewall crd` prints: the CRD generated from the Rust type.
+fn generated_crd() -> Value {
+    let out = Command::new(binary())
+        .arg("crd")
+        .output()
+        .expect("run nodeport-firewall crd");
+    assert!(out.status.success(), "nodeport-firewall crd failed");
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let docs = documents(&text, "nodeport-firewall crd");
+    assert_eq!(docs.len(), 1, "one CRD");
+    docs.into_iter().next().expect("the CRD")
+}
+
+#[test]
+fn the_shipped_crd_is_the_one_generated_from_the_rust_type() {
+    let want = generated_crd();
+    assert_eq!(want["spec"]["names"]["plural"], "nodeportfirewallpolicies");
+    assert_eq!(want["spec"]["scope"], "Cluster");
+    for file in [
+        chart().join("crds/nodeportfirewallpolicies.yaml"),
+        kustomize_dir("base/crd.yaml"),
+    ] {
+        let text = std::fs::read_to_string(&file).expect("the shipped CRD");
+        let docs = documents(&text, &file.display().to_string());
+        assert_eq!(
+            docs,
+            vec![want.clone()],
+            "{} is stale: regenerate it with `nodeport-firewall crd`",
+            file.display()
+        );
+    }
+}
+
+#[test]
+fn helm_and_kustomize_render_the_crd() {
+    let want = generated_crd();
+    let base = check_objects(&kustomize(&kustomize_dir("base")), "kustomize base");
+    let crd = one_of_kind(&base, "CustomResourceDefinition", "kustomize base");
+    assert!(crd["metadata"].get("namespace").is_none(), "cluster-scoped");
+    assert_eq!(crd["spec"], want["spec"]);
+    let Some(helm) = helm() else { return };
+    let objects = check_objects(
+        &render_chart(&helm, "npf", "npf", &["--include-crds"]),
+        "chart with CRDs",
+    );
+    let crd = one_of_kind(&objects, "CustomResourceDefinition", "chart");
+    assert_eq!(crd["spec"], want["spec"]);
 }
