@@ -166,11 +166,19 @@ fn subtract(whole: Span, mut holes: Vec<Span>) -> Vec<Span> {
 
 /// Whether `nets` (one family) together cover all of that family's public unicast space.
 fn covers_public(nets: &[IpNet], family: IpFamily) -> bool {
+    // Computed once: every managed Service is judged on every plan.
+    static PUBLIC: std::sync::OnceLock<[Vec<Span>; 2]> = std::sync::OnceLock::new();
+    if nets.is_empty() {
+        return false;
+    }
+    let public = PUBLIC.get_or_init(|| [public_spans(IpFamily::V4), public_spans(IpFamily::V6)]);
+    let need = match family {
+        IpFamily::V4 => &public[0],
+        IpFamily::V6 => &public[1],
+    };
     let mut have: Vec<Span> = nets.iter().map(span).collect();
     have.sort_unstable();
-    public_spans(family)
-        .into_iter()
-        .all(|need| covered(&have, need))
+    need.iter().all(|n| covered(&have, *n))
 }
 
 /// Whether the sorted spans `have` cover `need` without a gap.

@@ -565,7 +565,7 @@ fn bad_inputs_fail_with_a_message_that_names_the_problem() {
             "world-open default",
             vec!["-f".into(), good_cluster.clone(), "--config".into(), world],
             vec![
-                "defaultSourceRanges contains 0.0.0.0/0 but policy.allowWorldOpen is false".into(),
+                "defaultSourceRanges: 0.0.0.0/0 covers all public ipv4 space: it opens the port to the whole Internet, which the operator policy refuses (policy.allowWorldOpen)".into(),
             ],
         ),
         (

@@ -184,11 +184,12 @@ impl Tenancy {
         self.policies.is_empty()
     }
 
-    fn namespace(&self, name: &str) -> NamespaceSpec {
-        self.namespaces
-            .get(name)
-            .cloned()
-            .unwrap_or_else(|| NamespaceSpec::new(name))
+    /// The namespace's labels; one absent from the input is known by its name only.
+    fn namespace(&self, name: &str) -> std::borrow::Cow<'_, NamespaceSpec> {
+        match self.namespaces.get(name) {
+            Some(ns) => std::borrow::Cow::Borrowed(ns),
+            None => std::borrow::Cow::Owned(NamespaceSpec::new(name)),
+        }
     }
 
     /// Decides whether a valid Service is admitted, under the floor and the policies.
@@ -199,6 +200,9 @@ impl Tenancy {
                 by: "the operator config (policy:)".into(),
                 reasons: violations,
             };
+        }
+        if self.policies.is_empty() && !floor.require_namespace_policy {
+            return Verdict::Admitted { policy: None };
         }
         let ns = self.namespace(intent.service.namespace());
         let selecting: Vec<&Judged> = self
@@ -263,7 +267,7 @@ impl Tenancy {
                 refused: 0,
             })
             .collect();
-        let mut seen: BTreeMap<&str, NamespaceSpec> = BTreeMap::new();
+        let mut seen: BTreeMap<&str, std::borrow::Cow<'_, NamespaceSpec>> = BTreeMap::new();
         for (namespace, verdict) in verdicts {
             match verdict {
                 Verdict::Admitted { policy: Some(name) } => {
