@@ -378,7 +378,7 @@ impl ApiServer {
             }
             (Method::PATCH, ["api", "v1", "namespaces", ns, "services", name, "status"]) => {
                 let patch: Option<Value> = serde_json::from_slice(&body).ok().or_else(|| {
-                    serde_yaml::from_slice::<Value>(&body)
+                    yaml_serde::from_slice::<Value>(&body)
                         .ok()
                         .and_then(|v| serde_json::to_value(v).ok())
                 });

@@ -169,7 +169,7 @@ impl Config {
 
     /// Parses and validates a YAML config. Every unknown key is reported by its path.
     pub fn from_yaml(text: &str) -> Result<Self> {
-        let de = serde_yaml::Deserializer::from_str(text);
+        let de = yaml_serde::Deserializer::from_str(text);
         let mut unknown = BTreeSet::new();
         let raw: RawConfig = serde_ignored::deserialize(de, |path| {
             unknown.insert(path.to_string());

@@ -63,12 +63,12 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
 
 /// Parses one file's text (possibly several YAML documents).
 pub fn parse_into(name: &str, text: &str, out: &mut Manifests) -> Result<()> {
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, doc) in yaml_serde::Deserializer::from_str(text).enumerate() {
         let err = |message: String| Error::Manifest {
             path: format!("{name} (document {})", i + 1),
             message,
         };
-        let value = serde_yaml::Value::deserialize(doc).map_err(|e| err(e.to_string()))?;
+        let value = yaml_serde::Value::deserialize(doc).map_err(|e| err(e.to_string()))?;
         if value.is_null() {
             continue;
         }
@@ -77,7 +77,7 @@ pub fn parse_into(name: &str, text: &str, out: &mut Manifests) -> Result<()> {
     Ok(())
 }
 
-fn add_object(value: serde_yaml::Value, out: &mut Manifests) -> Result<(), String> {
+fn add_object(value: yaml_serde::Value, out: &mut Manifests) -> Result<(), String> {
     let kind = value
         .get("kind")
         .and_then(|k| k.as_str())
@@ -86,13 +86,13 @@ fn add_object(value: serde_yaml::Value, out: &mut Manifests) -> Result<(), Strin
     match kind.as_str() {
         "Service" => out
             .services
-            .push(serde_yaml::from_value(value).map_err(|e| format!("Service: {e}"))?),
+            .push(yaml_serde::from_value(value).map_err(|e| format!("Service: {e}"))?),
         "Node" => out
             .nodes
-            .push(serde_yaml::from_value(value).map_err(|e| format!("Node: {e}"))?),
+            .push(yaml_serde::from_value(value).map_err(|e| format!("Node: {e}"))?),
         "Namespace" => out
             .namespaces
-            .push(serde_yaml::from_value(value).map_err(|e| format!("Namespace: {e}"))?),
+            .push(yaml_serde::from_value(value).map_err(|e| format!("Namespace: {e}"))?),
         "NodePortFirewallPolicy"
             if value
                 .get("apiVersion")
@@ -100,14 +100,14 @@ fn add_object(value: serde_yaml::Value, out: &mut Manifests) -> Result<(), Strin
                 .is_some_and(|v| v.starts_with(&format!("{}/", crate::policy::GROUP))) =>
         {
             out.policies.push(
-                serde_yaml::from_value(value)
+                yaml_serde::from_value(value)
                     .map_err(|e| format!("NodePortFirewallPolicy: {e}"))?,
             )
         }
         k if k == "List" || k.ends_with("List") => {
             let items = match value.get("items") {
-                Some(serde_yaml::Value::Sequence(items)) => items.clone(),
-                Some(serde_yaml::Value::Null) | None => Vec::new(),
+                Some(yaml_serde::Value::Sequence(items)) => items.clone(),
+                Some(yaml_serde::Value::Null) | None => Vec::new(),
                 Some(_) => return Err(format!("{k}: items is not a list")),
             };
             for item in items {

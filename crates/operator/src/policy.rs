@@ -100,7 +100,7 @@ pub fn source(policy: &NodePortFirewallPolicy) -> PolicySource {
 /// (`nodeport-firewall crd` prints it; a test keeps the shipped copies equal to it).
 pub fn crd_yaml() -> Result<String, String> {
     let crd = NodePortFirewallPolicy::crd();
-    serde_yaml::to_string(&crd).map_err(|e| format!("cannot render the CRD: {e}"))
+    yaml_serde::to_string(&crd).map_err(|e| format!("cannot render the CRD: {e}"))
 }
 
 #[cfg(test)]
@@ -121,7 +121,7 @@ mod tests {
 
     #[test]
     fn node_ports_read_as_numbers_or_ranges() {
-        let p: NodePortFirewallPolicy = serde_yaml::from_str(
+        let p: NodePortFirewallPolicy = yaml_serde::from_str(
             "apiVersion: nodeport-firewall.io/v1alpha1\nkind: NodePortFirewallPolicy\n\
              metadata: {name: team-a}\n\
              spec: {namespaces: [team-a], allowedSourceRanges: [10.0.0.0/8], nodePorts: [30080, '30100-30199']}\n",

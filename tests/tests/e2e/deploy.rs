@@ -52,7 +52,7 @@ fn kustomize_dir(rel: &str) -> PathBuf {
 fn documents(yaml: &str, source: &str) -> Vec<Value> {
     use serde::Deserialize;
     let mut out = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+    for (i, doc) in yaml_serde::Deserializer::from_str(yaml).enumerate() {
         let value = Value::deserialize(doc)
             .unwrap_or_else(|e| panic!("{source}: document {}: not YAML: {e}", i + 1));
         if !value.is_null() {
@@ -602,8 +602,8 @@ fn kustomize_renders_the_base_and_every_overlay_into_valid_objects() {
             );
         }
         let cm = one_of_kind(&objects, "ConfigMap", &source);
-        let config: serde_yaml::Value =
-            serde_yaml::from_str(cm["data"]["config.yaml"].as_str().expect("config"))
+        let config: yaml_serde::Value =
+            yaml_serde::from_str(cm["data"]["config.yaml"].as_str().expect("config"))
                 .expect("yaml");
         assert!(
             config.get(name).is_some(),
@@ -946,7 +946,7 @@ fn helm_values_schema_rejects_bad_values() {
 /// `a.…`), and every top-level value is in values.schema.json.
 #[test]
 fn every_chart_value_is_documented_and_in_the_schema() {
-    fn leaves(v: &serde_yaml::Value, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    fn leaves(v: &yaml_serde::Value, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
         // Free-form maps are documented as a whole.
         const WHOLE: &[&str] = &[
             "config",
@@ -967,7 +967,7 @@ fn every_chart_value_is_documented_and_in_the_schema() {
             _ => out.push(path.clone()),
         }
     }
-    let values: serde_yaml::Value = serde_yaml::from_str(
+    let values: yaml_serde::Value = yaml_serde::from_str(
         &std::fs::read_to_string(chart().join("values.yaml")).expect("values.yaml"),
     )
     .expect("values.yaml is YAML");
@@ -1209,8 +1209,8 @@ fn iam_files_match_the_docs_and_parse() {
     let gcp = deploy().join("iam/gcp-custom-role.yaml");
     match std::fs::read_to_string(&gcp) {
         Ok(text) => {
-            let role: serde_yaml::Value =
-                serde_yaml::from_str(&text).expect("gcp-custom-role.yaml is YAML");
+            let role: yaml_serde::Value =
+                yaml_serde::from_str(&text).expect("gcp-custom-role.yaml is YAML");
             let permissions = role
                 .get("includedPermissions")
                 .and_then(|p| p.as_sequence())

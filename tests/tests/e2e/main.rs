@@ -834,7 +834,7 @@ fn manifests_are_read_from_directories_lists_multi_documents_and_json() {
     let f2 = dir.write("flags/a.yaml", &a.to_yaml());
     let f3 = dir.write("flags/b.yaml", &b.to_yaml());
     // `kubectl get -o yaml` lists, nested, with objects of other kinds mixed in.
-    let obj = |yaml: &str| -> Value { serde_yaml::from_str(yaml).unwrap() };
+    let obj = |yaml: &str| -> Value { yaml_serde::from_str(yaml).unwrap() };
     let list = serde_json::json!({
         "apiVersion": "v1",
         "kind": "List",
@@ -845,7 +845,7 @@ fn manifests_are_read_from_directories_lists_multi_documents_and_json() {
             {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}},
         ],
     });
-    let list_yaml = serde_yaml::to_string(&list).unwrap();
+    let list_yaml = yaml_serde::to_string(&list).unwrap();
     assert!(list_yaml.contains("kind: List"), "{list_yaml}");
     let list = dir.write("list.yaml", &list_yaml);
     // JSON, as `kubectl get -o json` writes it.
@@ -884,7 +884,7 @@ fn manifests_are_read_from_directories_lists_multi_documents_and_json() {
 fn list_json(objects: &[&str]) -> Value {
     let items: Vec<Value> = objects
         .iter()
-        .map(|y| serde_yaml::from_str(y).unwrap())
+        .map(|y| yaml_serde::from_str(y).unwrap())
         .collect();
     serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items})
 }
