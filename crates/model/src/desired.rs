@@ -103,6 +103,12 @@ pub struct Desired {
     pub pinned: BTreeSet<ServiceRef>,
     /// Services the policy refused, with why: their rules are removed, and the plan says so.
     pub closed: BTreeMap<ServiceRef, Arc<str>>,
+    /// The node ports of closed and invalid Services: what a rule kept for another reason
+    /// gives up when the policy closes them (see `crate::narrow`).
+    pub held_ports: BTreeMap<ServiceRef, Vec<(Protocol, u16)>>,
+    /// The policy, to judge what a kept rule still opens for an invalid Service.
+    pub tenancy: Arc<Tenancy>,
+    pub floor: crate::config::Policy,
     /// The status of every namespace policy, by name.
     pub policies: Vec<PolicyReport>,
 }
@@ -188,6 +194,7 @@ pub fn desired_with(
     let mut intents: Vec<(ServiceIntent, usize)> = Vec::new();
     let mut pinned = BTreeSet::new();
     let mut closed = BTreeMap::new();
+    let mut held_ports: BTreeMap<ServiceRef, Vec<(Protocol, u16)>> = BTreeMap::new();
     let mut verdicts: Vec<(ServiceRef, Verdict)> = Vec::new();
     let mut range_cache = RangeCache::default();
     let no_pools: Arc<[PoolName]> = Arc::from(Vec::new());
@@ -215,6 +222,7 @@ pub fn desired_with(
                         report.status = ServiceStatus::Closed;
                         report.policy = Some(by.clone());
                         closed.insert(svc.service.clone(), Arc::from(why.as_str()));
+                        held_ports.insert(svc.service.clone(), intent.ports.clone());
                         report.reason = Some(why);
                     }
                 }
@@ -229,6 +237,7 @@ pub fn desired_with(
                 report.errors = errors;
                 report.warnings = warnings;
                 pinned.insert(svc.service.clone());
+                held_ports.insert(svc.service.clone(), node_ports(svc));
             }
         }
         reports.push(report);
@@ -265,6 +274,7 @@ pub fn desired_with(
             let report = &mut reports[report_idx];
             report.status = ServiceStatus::Invalid;
             report.errors = errors;
+            held_ports.insert(intent.service.clone(), intent.ports.clone());
             pinned.insert(intent.service.clone());
         } else {
             valid.push((intent, report_idx));
@@ -334,8 +344,28 @@ pub fn desired_with(
         unpooled_nodes,
         pinned,
         closed,
+        held_ports,
+        tenancy: Arc::new(tenancy.clone()),
+        floor: config.policy.clone(),
         policies,
     }
+}
+
+/// The node ports a Service's spec declares, whatever its annotations say: what rules of an
+/// invalid Service may hold.
+fn node_ports(svc: &ServiceSpec) -> Vec<(Protocol, u16)> {
+    let mut ports: Vec<(Protocol, u16)> = svc
+        .ports
+        .iter()
+        .filter_map(|p| {
+            let protocol = p.protocol.parse::<Protocol>().ok()?;
+            let port = u16::try_from(p.node_port?).ok()?;
+            Some((protocol, port))
+        })
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 fn new_pool(config: &Config, name: &PoolName) -> PoolState {

@@ -15,6 +15,7 @@
 pub mod annotations;
 pub mod config;
 pub mod desired;
+mod narrow;
 pub mod net;
 pub mod node;
 mod parallel;

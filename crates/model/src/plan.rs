@@ -521,18 +521,53 @@ pub fn plan_target(
 
     let mut changes = Vec::new();
     let mut matched = vec![false; owned.len()];
-    let mut pinned_content: HashMap<&RuleContent, usize> = HashMap::default();
+    let mut pinned_content: BTreeSet<RuleContent> = BTreeSet::new();
     let mut pinned_names: BTreeSet<&str> = BTreeSet::new();
     for (i, r) in owned.iter().enumerate() {
-        if let Some(reason) = pin_reason(r) {
-            matched[i] = true;
-            pinned_content.insert(&r.rule.content, i);
-            if let Some(n) = &r.rule.name {
-                pinned_names.insert(n);
+        let Some(reason) = pin_reason(r) else {
+            continue;
+        };
+        matched[i] = true;
+        if let Some(n) = &r.rule.name {
+            pinned_names.insert(n);
+        }
+        match crate::narrow::narrow(&r.rule, desired) {
+            None => {
+                pinned_content.insert(r.rule.content.clone());
+                let mut c = change(Action::Keep, r.rule.clone(), r.id.clone());
+                c.note = Some(reason);
+                changes.push(c);
             }
-            let mut c = change(Action::Keep, r.rule.clone(), r.id.clone());
-            c.note = Some(reason);
-            changes.push(c);
+            // What the policy closes goes even from a kept rule; the rest stays kept.
+            Some(n) => {
+                let closed = format!("closed: {}", n.why.join("; "));
+                if n.rule.content.ports.is_empty() {
+                    let mut c = change(Action::Remove, r.rule.clone(), r.id.clone());
+                    c.note = Some(closed);
+                    changes.push(c);
+                } else if r.rule.name.is_some() && limits.updates_in_place {
+                    pinned_content.insert(n.rule.content.clone());
+                    let mut c = change(Action::Update, n.rule, r.id.clone());
+                    c.previous = Some(r.rule.clone());
+                    c.note = Some(format!("{closed}; the rest is {reason}"));
+                    changes.push(c);
+                } else {
+                    pinned_content.insert(n.rule.content.clone());
+                    let mut rest = n.rule;
+                    if let Some(name) = &rest.name {
+                        rest.name = Some(format!("{name}-n"));
+                    }
+                    let mut add = change(Action::Add, rest, None);
+                    add.note = Some(format!(
+                        "the part of {{{}}} that stays {reason}",
+                        r.id.as_deref().unwrap_or("?")
+                    ));
+                    changes.push(add);
+                    let mut c = change(Action::Remove, r.rule.clone(), r.id.clone());
+                    c.note = Some(closed);
+                    changes.push(c);
+                }
+            }
         }
     }
     let mut by_name: HashMap<&str, usize> = HashMap::default();
@@ -572,7 +607,7 @@ pub fn plan_target(
             changes.push(same_or_update(rule, old));
             continue;
         }
-        if pinned_content.contains_key(&rule.content) {
+        if pinned_content.contains(&rule.content) {
             continue; // served by a kept rule with exactly this content
         }
         if let Some(f) = foreign_content.get(&rule.content) {
@@ -613,7 +648,7 @@ pub fn plan_target(
                 .filter(|s| !(c.action == Action::Update && c.rule.services.contains(*s)))
                 .filter_map(|s| closed_services.get(s).map(|why| format!("{s}: {why}")))
                 .collect();
-            if !why.is_empty() {
+            if !why.is_empty() && c.note.is_none() {
                 c.note = Some(format!("closed: {}", why.join("; ")));
             }
         }

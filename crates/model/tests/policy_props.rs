@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use nodeport_firewall_model::NamespaceSpec;
 use nodeport_firewall_model::desired::ServiceStatus;
 use nodeport_firewall_model::plan::PoolResolution;
 use nodeport_firewall_model::{
@@ -76,22 +78,47 @@ fn policy(i: usize) -> impl Strategy<Value = PolicySource> {
         prop::option::of(prop::sample::subsequence(PORT_RANGES.to_vec(), 0..3)),
         prop::option::of(1i64..4),
         prop::bool::weighted(0.1),
+        prop::bool::ANY,
     )
-        .prop_map(move |(namespaces, ranges, pools, ports, max, broken)| {
-            let mut ranges: Vec<String> = ranges.into_iter().map(String::from).collect();
-            if broken {
-                ranges.push("10.0.0.0/33".into());
-            }
-            PolicySource {
-                name: format!("p{i}"),
-                namespaces: Some(namespaces.into_iter().map(String::from).collect()),
-                allowed_source_ranges: ranges,
-                node_pools: pools.map(|p| p.into_iter().map(String::from).collect()),
-                node_ports: ports.map(|p| p.into_iter().map(String::from).collect()),
-                max_ranges_per_service: max,
-                ..Default::default()
-            }
-        })
+        .prop_map(
+            move |(namespaces, ranges, pools, ports, max, broken, by_label)| {
+                let mut ranges: Vec<String> = ranges.into_iter().map(String::from).collect();
+                if broken {
+                    ranges.push("10.0.0.0/33".into());
+                }
+                let (namespaces, namespace_selector) = if by_label {
+                    // team-a carries team=a, team-b team=b: select the same namespaces by label.
+                    let teams: Vec<String> = namespaces
+                        .iter()
+                        .map(|n| n.trim_start_matches("team-").to_string())
+                        .collect();
+                    let selector = LabelSelector {
+                        match_expressions: Some(vec![LabelSelectorRequirement {
+                            key: "team".into(),
+                            operator: "In".into(),
+                            values: Some(teams),
+                        }]),
+                        ..Default::default()
+                    };
+                    (None, Some(selector))
+                } else {
+                    (
+                        Some(namespaces.into_iter().map(String::from).collect()),
+                        None,
+                    )
+                };
+                PolicySource {
+                    name: format!("p{i}"),
+                    namespaces,
+                    namespace_selector,
+                    allowed_source_ranges: ranges,
+                    node_pools: pools.map(|p| p.into_iter().map(String::from).collect()),
+                    node_ports: ports.map(|p| p.into_iter().map(String::from).collect()),
+                    max_ranges_per_service: max,
+                    ..Default::default()
+                }
+            },
+        )
 }
 
 fn policies() -> impl Strategy<Value = Vec<PolicySource>> {
@@ -101,10 +128,59 @@ fn policies() -> impl Strategy<Value = Vec<PolicySource>> {
 /// Policies, `requireNamespacePolicy` and `allowWorldOpen`: one generation of the rules.
 type Rules = (Vec<PolicySource>, bool, bool);
 
-fn world() -> impl Strategy<Value = (Vec<ServiceSpec>, [Rules; 2])> {
+/// Services, the rules of two generations, and which Services break an annotation in the
+/// second (their rules are then kept, less what the new policy forbids).
+fn world() -> impl Strategy<Value = (Vec<ServiceSpec>, [Rules; 2], Vec<bool>)> {
     let services = (0usize..8).prop_flat_map(|n| (0..n).map(service).collect::<Vec<_>>());
     let rules = || (policies(), prop::bool::ANY, prop::bool::ANY);
-    (services, rules(), rules()).prop_map(|(s, a, b)| (s, [a, b]))
+    (
+        services,
+        rules(),
+        rules(),
+        prop::collection::vec(prop::bool::weighted(0.3), 8),
+    )
+        .prop_map(|(s, a, b, broken)| (s, [a, b], broken))
+}
+
+fn namespaces() -> Vec<NamespaceSpec> {
+    vec![
+        NamespaceSpec::new("team-a").with_label("team", "a"),
+        NamespaceSpec::new("team-b").with_label("team", "b"),
+        NamespaceSpec::new("free"),
+    ]
+}
+
+/// Whether `p` selects namespace `ns` (as the model must decide it).
+fn selects(p: &PolicySource, ns: &str) -> bool {
+    let by_name = p.namespaces.iter().flatten().any(|n| n == ns);
+    let by_label = p.namespace_selector.as_ref().is_some_and(|s| {
+        s.match_expressions
+            .iter()
+            .flatten()
+            .any(|e| e.values.iter().flatten().any(|t| format!("team-{t}") == ns))
+    });
+    by_name || by_label
+}
+
+/// Whether the valid policy `p` permits opening `port` on `pool` from `net`.
+fn permits(p: &PolicySource, net: &IpNet, pool: &str, port: u16) -> bool {
+    if p.allowed_source_ranges
+        .iter()
+        .any(|r| r.parse::<IpNet>().is_err())
+    {
+        return false; // invalid: admits nothing
+    }
+    let allowed = nodeport_firewall_model::SourceSet::new(nets(&p.allowed_source_ranges));
+    allowed.contains_net(net)
+        && p.node_pools
+            .as_ref()
+            .is_none_or(|ps| ps.iter().any(|x| x == pool))
+        && p.node_ports.as_ref().is_none_or(|ps| {
+            ps.iter().any(|t| {
+                t.parse::<nodeport_firewall_model::PortRange>()
+                    .is_ok_and(|r| r.contains(port))
+            })
+        })
 }
 
 fn make(services: &[ServiceSpec], rules: &Rules) -> World {
@@ -154,7 +230,7 @@ fn plan_on(w: &World, cloud: &Cloud) -> Plan {
         &config(w),
         &w.services,
         &nodes(),
-        &Tenancy::new(&w.policies, &[]),
+        &Tenancy::new(&w.policies, &namespaces()),
     );
     let observations = resolutions()
         .into_values()
@@ -248,46 +324,48 @@ fn check_permitted(w: &World, cloud: &Cloud, plan: &Plan) -> Result<(), TestCase
                         )));
                     };
                     let report = reports[owner];
-                    prop_assert_eq!(report.status, ServiceStatus::Managed, "{:?}", report);
-                    match report.policy.as_deref() {
-                        None => {
-                            prop_assert!(!w.require, "{owner} opened with no admitting policy");
-                            prop_assert!(
-                                !w.policies.iter().any(|p| p
-                                    .namespaces
-                                    .iter()
-                                    .flatten()
-                                    .any(|n| n == owner.namespace())),
-                                "{owner} is in a selected namespace but no policy admitted it"
-                            );
-                        }
-                        Some(name) => {
+                    let ns = owner.namespace();
+                    let selecting: Vec<&PolicySource> =
+                        w.policies.iter().filter(|p| selects(p, ns)).collect();
+                    match (report.status, report.policy.as_deref()) {
+                        (ServiceStatus::Managed, Some(name)) => {
                             let p = by_name[name];
-                            let allowed = nodeport_firewall_model::SourceSet::new(nets(
-                                &p.allowed_source_ranges,
-                            ));
                             for net in &r.rule.content.sources {
                                 prop_assert!(
-                                    allowed.contains_net(net),
-                                    "{net} opened for {owner} outside policy {name}"
+                                    permits(p, net, pool, port),
+                                    "{net} to {pool}:{port} opened for {owner} outside policy {name}"
                                 );
                             }
-                            if let Some(pools) = &p.node_pools {
-                                prop_assert!(
-                                    pools.iter().any(|p| p == pool),
-                                    "pool {pool} opened for {owner}, not in policy {name}"
-                                );
-                            }
-                            if let Some(ports) = &p.node_ports {
-                                let ok = ports.iter().any(|t| {
-                                    t.parse::<nodeport_firewall_model::PortRange>()
-                                        .is_ok_and(|r| r.contains(port))
+                        }
+                        (ServiceStatus::Managed | ServiceStatus::Invalid, _) => {
+                            // Unselected (floor only), or an invalid Service's kept rule: some
+                            // policy that selects it must permit it all, or none selects it.
+                            if selecting.is_empty() {
+                                prop_assert!(!w.require, "{owner} opened with no policy");
+                            } else {
+                                let ok = selecting.iter().any(|p| {
+                                    r.rule
+                                        .content
+                                        .sources
+                                        .iter()
+                                        .all(|net| permits(p, net, pool, port))
                                 });
-                                prop_assert!(ok, "port {port} of {owner} not in policy {name}");
+                                prop_assert!(
+                                    ok,
+                                    "{owner} ({:?}) holds {pool}:{port} from {:?}, which no policy of {ns} permits",
+                                    report.status,
+                                    r.rule.content.sources
+                                );
                             }
-                            prop_assert_eq!(r.rule.content.protocol, Protocol::Tcp);
+                        }
+                        (status, _) => {
+                            return Err(TestCaseError::fail(format!(
+                                "port {port} of {:?} is open for {owner}, which is {status:?}",
+                                r.rule
+                            )));
                         }
                     }
+                    prop_assert_eq!(r.rule.content.protocol, Protocol::Tcp);
                 }
             }
         }
@@ -300,7 +378,7 @@ proptest! {
 
     /// No rule opens a source, pool or port that the admitting policy does not permit.
     #[test]
-    fn rules_stay_inside_the_admitting_policy((services, rules) in world()) {
+    fn rules_stay_inside_the_admitting_policy((services, rules, _) in world()) {
         let w = make(&services, &rules[0]);
         let mut cloud = Cloud::new();
         let p = plan_on(&w, &cloud);
@@ -312,9 +390,16 @@ proptest! {
     /// no rule that the new policies forbid, and every removal because of a closed Service
     /// says so in the plan.
     #[test]
-    fn a_policy_change_leaves_no_forbidden_rule((services, rules) in world()) {
+    fn a_policy_change_leaves_no_forbidden_rule((services, rules, broken) in world()) {
         let before = make(&services, &rules[0]);
-        let after = make(&services, &rules[1]);
+        let mut after = make(&services, &rules[1]);
+        // Some Services break an annotation as the policy changes: their rules are kept,
+        // but not what the new policy forbids.
+        for (s, broken) in after.services.iter_mut().zip(&broken) {
+            if *broken {
+                *s = s.clone().with_annotation("ports", "no-such-port");
+            }
+        }
         let mut cloud = Cloud::new();
         let p = plan_on(&before, &cloud);
         apply(&mut cloud, &p);
@@ -331,6 +416,13 @@ proptest! {
                     let note = c.note.as_deref().unwrap_or_default();
                     prop_assert!(note.starts_with("closed: "), "{note:?}");
                 }
+            }
+            for c in tp.of(Action::Keep) {
+                prop_assert!(
+                    !c.rule.services.iter().any(|s| closed.contains(s)),
+                    "a kept rule serves a closed Service: {:?}",
+                    c.rule
+                );
             }
         }
         apply(&mut cloud, &p);
