@@ -217,6 +217,12 @@ pub fn desired_with(
                         report.policy = policy.clone();
                         intents.push((intent, reports.len()));
                     }
+                    Verdict::Unknown { reason } => {
+                        report.status = ServiceStatus::Invalid;
+                        report.errors = vec![reason.clone()];
+                        pinned.insert(svc.service.clone());
+                        held_ports.insert(svc.service.clone(), intent.ports.clone());
+                    }
                     Verdict::Closed { by, reasons } => {
                         let why = reasons.join("; ");
                         report.status = ServiceStatus::Closed;

@@ -131,6 +131,17 @@ struct Judged {
     grants: Result<Grants, String>,
 }
 
+impl Judged {
+    /// Whether which namespaces it selects depends on their labels. (One whose selection is
+    /// unknown selects every namespace, labels or not.)
+    fn has_selector(&self) -> bool {
+        match &self.selection {
+            Selection::Known { selector, .. } => selector.is_some(),
+            Selection::Unknown => false,
+        }
+    }
+}
+
 /// How one policy fared, for its status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -163,6 +174,9 @@ pub enum Verdict {
     /// Closed: its rules are removed. `by` names what refused it (policies, or the operator
     /// config).
     Closed { by: String, reasons: Vec<String> },
+    /// Cannot be judged: its Namespace is not known, so label selectors cannot be matched.
+    /// Its rules are kept as they are, like an invalid Service's, until it is known.
+    Unknown { reason: String },
 }
 
 impl Tenancy {
@@ -205,6 +219,22 @@ impl Tenancy {
             return Verdict::Admitted { policy: None };
         }
         let ns = self.namespace(intent.service.namespace());
+        if !self.namespaces.contains_key(&ns.name) && self.policies.iter().any(Judged::has_selector)
+        {
+            // Selecting it or not would both be a guess: one could open what a policy
+            // forbids. In `run` this lasts until the Namespace reaches the cache.
+            return Verdict::Unknown {
+                reason: format!(
+                    "namespace {} is not known (no Namespace object for it{}), so the policies' namespaceSelectors cannot be matched; its rules are kept as they are until it is",
+                    ns.name,
+                    if self.namespaces.is_empty() {
+                        " in the input"
+                    } else {
+                        ""
+                    }
+                ),
+            };
+        }
         let selecting: Vec<&Judged> = self
             .policies
             .iter()
@@ -275,7 +305,7 @@ impl Tenancy {
                         r.admitted += 1;
                     }
                 }
-                Verdict::Admitted { policy: None } => {}
+                Verdict::Admitted { policy: None } | Verdict::Unknown { .. } => {}
                 Verdict::Closed { .. } => {
                     let ns = seen
                         .entry(namespace)
@@ -423,10 +453,12 @@ fn list(items: impl Iterator<Item = String>) -> String {
 fn judge(p: &PolicySource) -> Judged {
     let mut problems = Vec::new();
     let mut names = BTreeSet::new();
+    let mut bad_name = false;
     for n in p.namespaces.iter().flatten() {
         if valid_dns_label(n) {
             names.insert(n.clone());
         } else {
+            bad_name = true;
             problems.push(format!("namespaces: {n:?} is not a namespace name"));
         }
     }
@@ -439,6 +471,8 @@ fn judge(p: &PolicySource) -> Judged {
             );
             Selection::Unknown
         }
+        // Which namespace a bad name meant is unknown, as with a bad selector.
+        _ if bad_name => Selection::Unknown,
         Some(Ok(s)) => Selection::Known {
             names,
             selector: Some(s),

@@ -246,6 +246,7 @@ fn selectors_match_namespace_labels_and_names() {
     let namespaces = [
         NamespaceSpec::new("shop").with_label("env", "prod"),
         NamespaceSpec::new("lab"),
+        NamespaceSpec::new("tools"),
     ];
     let t = Tenancy::new(&[p, by_name], &namespaces);
     let floor = Policy {
@@ -260,7 +261,7 @@ fn selectors_match_namespace_labels_and_names() {
     };
     assert!(admitted("shop", "10.1.0.0/16"));
     assert!(!admitted("lab", "10.1.0.0/16"), "lab has no env=prod");
-    // A namespace absent from the input is still known by its name.
+    // Every Namespace carries its name as a label.
     assert!(admitted("tools", "192.168.1.0/24"));
     assert!(!admitted("tools", "10.1.0.0/16"));
 }
@@ -298,8 +299,9 @@ fn invalid_policies_admit_nothing_and_never_widen() {
         let msg = reports[0].message.clone().unwrap_or_default();
         assert!(msg.contains(want), "{name}: {msg}");
         let v = t.judge(&floor, &intent(&svc("team-a", "10.1.0.0/16")));
-        if name == "nothing" || name == "bad-ns" {
-            // It selects no namespace it can name: team-a is bound by the floor alone.
+        if name == "nothing" {
+            // It selects no namespace: team-a is bound by the floor alone. (A bad name in
+            // `namespaces` selects every namespace, like a bad selector.)
             assert_eq!(v, Verdict::Admitted { policy: None }, "{name}");
         } else {
             let text = closed(v);
@@ -376,4 +378,38 @@ fn reports_count_admitted_and_refused() {
         ("b", 1, 2)
     );
     assert!(r.iter().all(|r| r.accepted));
+}
+
+#[test]
+fn a_namespace_that_is_not_known_is_not_guessed_when_policies_select_by_label() {
+    let by_label = PolicySource {
+        name: "prod".into(),
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some([("env".to_string(), "prod".to_string())].into()),
+            ..Default::default()
+        }),
+        allowed_source_ranges: vec!["10.0.0.0/8".into()],
+        ..Default::default()
+    };
+    let floor = Policy::default();
+    let s = intent(&svc("shop", "10.1.0.0/16"));
+    let t = Tenancy::new(
+        std::slice::from_ref(&by_label),
+        &[NamespaceSpec::new("other")],
+    );
+    match t.judge(&floor, &s) {
+        Verdict::Unknown { reason } => {
+            assert!(reason.contains("namespace shop is not known"), "{reason}")
+        }
+        other => panic!("expected unknown, got {other:?}"),
+    }
+    // With the Namespace known, it is judged.
+    let t = Tenancy::new(
+        &[by_label],
+        &[NamespaceSpec::new("shop").with_label("env", "prod")],
+    );
+    assert!(matches!(t.judge(&floor, &s), Verdict::Admitted { .. }));
+    // Policies that only name namespaces need no labels.
+    let t = Tenancy::new(&[policy("p", &["shop"], &["10.0.0.0/8"])], &[]);
+    assert!(matches!(t.judge(&floor, &s), Verdict::Admitted { .. }));
 }
