@@ -4,7 +4,6 @@
 //! one read from the cluster decide alike.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, CustomResourceExt, ResourceExt};
 use nodeport_firewall_model::PolicySource;
 use schemars::JsonSchema;
@@ -33,9 +32,11 @@ pub const GROUP: &str = "nodeport-firewall.io";
 pub struct NodePortFirewallPolicySpec {
     /// The namespaces whose labels match (a standard label selector; `{}` selects all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-map-type" = "atomic"))]
     pub namespace_selector: Option<LabelSelector>,
     /// Namespaces selected by name, in addition to the selector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "namespace_names")]
     pub namespaces: Option<Vec<String>>,
     /// IPv4 and IPv6 CIDRs. Every source a selected Service asks for must lie inside them.
     /// Empty: no sources are allowed.
@@ -45,13 +46,20 @@ pub struct NodePortFirewallPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_pools: Option<Vec<String>>,
     /// The node ports they may open, as `N` or `"N-M"`. Omitted: any.
+    ///
+    /// Read as any JSON value, and judged by the operator: a number the API server accepts
+    /// but a typed field could not hold must make the policy invalid, never unreadable (an
+    /// unreadable object would be dropped by the watch, leaving the old version in force).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_ports: Option<Vec<IntOrString>>,
+    #[schemars(schema_with = "int_or_string_list")]
+    pub node_ports: Option<Vec<serde_json::Value>>,
     /// Most source ranges one Service may ask for, after merging.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_ranges_per_service: Option<i64>,
     /// Most node ports one Service may open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_ports_per_service: Option<i64>,
 }
 
@@ -61,6 +69,7 @@ pub struct NodePortFirewallPolicySpec {
 pub struct NodePortFirewallPolicyStatus {
     /// `Accepted`: True, or False with the reason `Invalid` and what is wrong.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Services this policy admitted.
     #[serde(default)]
@@ -86,14 +95,37 @@ pub fn source(policy: &NodePortFirewallPolicy) -> PolicySource {
             ports
                 .iter()
                 .map(|p| match p {
-                    IntOrString::Int(n) => n.to_string(),
-                    IntOrString::String(s) => s.clone(),
+                    serde_json::Value::Number(n) => n.to_string(),
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(), // refused by the model as not a port
                 })
                 .collect()
         }),
         max_ranges_per_service: spec.max_ranges_per_service,
         max_ports_per_service: spec.max_ports_per_service,
     }
+}
+
+/// `nodePorts` items: integers or strings, as `IntOrString` is in the Kubernetes API.
+fn int_or_string_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "nullable": true,
+        "items": {"x-kubernetes-int-or-string": true}
+    })
+}
+
+/// `namespaces`: RFC 1123 labels, as Namespace names are.
+fn namespace_names(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "nullable": true,
+        "items": {
+            "type": "string",
+            "maxLength": 63,
+            "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+        }
+    })
 }
 
 /// The CustomResourceDefinition, as YAML: what the Helm chart and kustomize base ship
@@ -117,6 +149,32 @@ mod tests {
         let v = &crd.spec.versions[0];
         assert_eq!(v.name, "v1alpha1");
         assert!(v.subresources.as_ref().unwrap().status.is_some());
+    }
+
+    #[test]
+    fn a_port_no_typed_field_could_hold_still_reads() {
+        // The API server accepts any integer for an int-or-string; the policy must then be
+        // invalid (judged by the model), not unreadable.
+        let p: NodePortFirewallPolicy = yaml_serde::from_str(
+            "apiVersion: nodeport-firewall.io/v1alpha1\nkind: NodePortFirewallPolicy\n\
+             metadata: {name: big}\nspec: {namespaces: [a], nodePorts: [3000000000, true]}\n",
+        )
+        .unwrap();
+        let s = source(&p);
+        assert_eq!(
+            s.node_ports,
+            Some(vec!["3000000000".to_string(), "true".to_string()])
+        );
+        let t = nodeport_firewall_model::Tenancy::new(&[s], &[]);
+        let report = &t.reports([])[0];
+        assert!(!report.accepted);
+        assert!(
+            report
+                .message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("nodePorts")
+        );
     }
 
     #[test]

@@ -53,9 +53,10 @@ impl Caches {
             .wait_until_ready()
             .await
             .map_err(|e| format!("namespace reflector stopped: {e}"))?;
-        self.policies.wait_until_ready().await.map_err(|e| {
-            format!("NodePortFirewallPolicy reflector stopped: {e} (is the CRD installed?)")
-        })
+        self.policies
+            .wait_until_ready()
+            .await
+            .map_err(|e| format!("NodePortFirewallPolicy reflector stopped: {e}"))
     }
 }
 
@@ -197,7 +198,15 @@ where
                             changed.notify_one();
                         }
                     }
-                    Err(e) => warn!(kind = %kind, error = %e, "watch failed; retrying"),
+                    Err(e) => {
+                        // A policy list that is not found means the CRD is not installed.
+                        let hint = if kind == "NodePortFirewallPolicy" {
+                            "; nothing is planned until it lists: is the CRD installed (`nodeport-firewall crd | kubectl apply -f -`) and may the operator list it?"
+                        } else {
+                            "; nothing is planned until it lists"
+                        };
+                        warn!(kind = %kind, error = %e, "watch failed; retrying{hint}")
+                    }
                 }
                 futures::future::ready(())
             })

@@ -76,7 +76,7 @@ pub struct Outcome<'a> {
     pub dry_run: bool,
 }
 
-fn truncate(mut s: String, max: usize) -> String {
+pub(crate) fn truncate(mut s: String, max: usize) -> String {
     if s.len() <= max {
         return s;
     }

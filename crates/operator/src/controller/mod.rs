@@ -127,6 +127,9 @@ struct Inputs {
     nodes: Vec<NodeSpec>,
     namespaces: Vec<NamespaceSpec>,
     policies: Vec<PolicySource>,
+    /// Each policy's uid and generation: not an input of the plan, but of its status
+    /// (`observedGeneration`), so an edit that reads the same still reconciles.
+    policy_versions: Vec<(Option<String>, Option<i64>)>,
 }
 
 /// A digest of a plan's inputs, to skip replanning when a change did not touch them
@@ -139,6 +142,7 @@ fn fingerprint(inputs: &Inputs) -> u64 {
         &inputs.nodes,
         &inputs.namespaces,
         policies,
+        &inputs.policy_versions,
     ))
 }
 
@@ -171,11 +175,19 @@ fn inputs(caches: &Caches, config: &Config) -> Inputs {
         .map(|p| crate::policy::source(p))
         .collect();
     policies.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut policy_versions: Vec<(Option<String>, Option<i64>)> = caches
+        .policies
+        .state()
+        .iter()
+        .map(|p| (p.metadata.uid.clone(), p.metadata.generation))
+        .collect();
+    policy_versions.sort();
     Inputs {
         services,
         nodes,
         namespaces,
         policies,
+        policy_versions,
     }
 }
 
@@ -199,11 +211,12 @@ pub async fn run(
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut background = Vec::new();
+    let mut elector = None;
     let leadership = match &ctx.settings.lease {
         Some(lc) => {
-            let elector = Elector::new(ctx.client.clone(), lc.clone());
-            let l = elector.leadership();
-            background.push(tokio::spawn(elector.run(stop_rx.clone())));
+            let e = Elector::new(ctx.client.clone(), lc.clone());
+            let l = e.leadership();
+            elector = Some(e);
             l
         }
         None => Leadership::always(),
@@ -239,6 +252,7 @@ pub async fn run(
         stopping: stopping.clone(),
     };
 
+    let mut elector_task = None;
     let result = async {
         let mut stop = stopping.clone();
         tokio::select! {
@@ -246,6 +260,11 @@ pub async fn run(
             _ = stopped(&mut stop) => return Ok(()),
         }
         ctx.health.synced.store(true, Ordering::SeqCst);
+        // Campaign only once every cache has synced: a replica that cannot see the cluster
+        // (the CRD missing, RBAC) must not hold the Lease and so stop the others.
+        if let Some(e) = elector.take() {
+            elector_task = Some(tokio::spawn(e.run(stop_rx.clone())));
+        }
         info!(
             services = caches.services.len(),
             nodes = caches.nodes.len(),
@@ -260,7 +279,7 @@ pub async fn run(
 
     // Stop: the loop is left only between reconciles, so no apply is cut off.
     let _ = stop_tx.send(true);
-    for task in background {
+    for task in background.into_iter().chain(elector_task) {
         let _ = task.await;
     }
     for task in reflectors {
@@ -317,7 +336,6 @@ impl Loop<'_> {
                     } else {
                         // The next leader reports afresh; so will we, if we lead again.
                         self.publisher.reset();
-                        self.policy_status.reset();
                         self.last_inputs = None;
                         self.observed.clear();
                     }

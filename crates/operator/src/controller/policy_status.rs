@@ -1,8 +1,6 @@
 //! The status of each `NodePortFirewallPolicy`: whether it is valid, and how many Services
 //! it admits and refuses. Written with server-side apply, like the Service condition.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -12,7 +10,7 @@ use nodeport_firewall_model::PolicyReport;
 use serde_json::json;
 use tracing::{debug, warn};
 
-use super::feedback::{FIELD_MANAGER, fingerprint};
+use super::feedback::FIELD_MANAGER;
 use crate::policy::{NodePortFirewallPolicy, NodePortFirewallPolicyStatus};
 
 /// The condition type on policies.
@@ -38,9 +36,12 @@ pub fn desired_status(
     } else {
         (
             "Invalid".to_string(),
-            format!(
-                "{}; this policy admits nothing until it is fixed",
-                report.message.as_deref().unwrap_or("invalid")
+            super::feedback::truncate(
+                format!(
+                    "{}; this policy admits nothing until it is fixed",
+                    report.message.as_deref().unwrap_or("invalid")
+                ),
+                super::feedback::MAX_MESSAGE,
             ),
         )
     };
@@ -64,32 +65,23 @@ pub fn desired_status(
     }
 }
 
-/// Writes policy statuses that changed since they were last written by this instance.
+/// Writes each policy's status when it differs from what the cache holds. The cache is the
+/// only memory: a policy deleted and made again, or a status someone else changed, is
+/// written afresh; our own write comes back through the watch before the next compare.
 pub struct PolicyStatusPublisher {
     client: kube::Client,
-    /// Fingerprint of the last status written per policy.
-    written: BTreeMap<String, u64>,
 }
 
 impl std::fmt::Debug for PolicyStatusPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PolicyStatusPublisher")
-            .field("written", &self.written.len())
             .finish_non_exhaustive()
     }
 }
 
 impl PolicyStatusPublisher {
     pub fn new(client: kube::Client) -> Self {
-        PolicyStatusPublisher {
-            client,
-            written: BTreeMap::new(),
-        }
-    }
-
-    /// Forgets what was written (on losing leadership).
-    pub fn reset(&mut self) {
-        self.written.clear();
+        PolicyStatusPublisher { client }
     }
 
     /// Patches the status of every policy whose status changed. Returns the number of
@@ -102,8 +94,6 @@ impl PolicyStatusPublisher {
     ) -> usize {
         let api: Api<NodePortFirewallPolicy> = Api::all(self.client.clone());
         let mut writes = 0;
-        self.written
-            .retain(|name, _| reports.iter().any(|r| &r.name == name));
         for report in reports {
             let Some(obj) = store.get(&ObjectRef::new(&report.name)) else {
                 continue;
@@ -114,16 +104,7 @@ impl PolicyStatusPublisher {
                 obj.status.as_ref(),
                 Timestamp::now(),
             );
-            let print = fingerprint(&(
-                report.accepted,
-                &report.message,
-                report.admitted,
-                report.refused,
-                obj.metadata.generation,
-            ));
-            let same_as_cached = obj.status.as_ref().is_some_and(|s| same(s, &want));
-            if self.written.get(&report.name) == Some(&print) || same_as_cached {
-                self.written.insert(report.name.clone(), print);
+            if obj.status.as_ref().is_some_and(|s| same(s, &want)) {
                 continue;
             }
             if !keep_going() {
@@ -141,7 +122,6 @@ impl PolicyStatusPublisher {
             {
                 Ok(_) => {
                     writes += 1;
-                    self.written.insert(report.name.clone(), print);
                     debug!(policy = %report.name, "policy status updated");
                 }
                 Err(e) => warn!(policy = %report.name, error = %e, "cannot update policy status"),
