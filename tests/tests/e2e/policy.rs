@@ -185,8 +185,8 @@ fn offline_plan_decides_what_the_namespace_policies_would() {
     );
     assert_eq!(changes(&json, "add").len(), 1);
 
-    // Without the Namespace object the label is unknown: the policy selects nothing, and
-    // every Service is closed for want of a policy.
+    // Without the Namespace object its labels are unknown: the plan does not guess, it
+    // keeps the Services' rules as they are and says why.
     let without_ns: Vec<String> = manifests
         .iter()
         .filter(|m| !m.contains("kind: Namespace"))
@@ -199,7 +199,7 @@ fn offline_plan_decides_what_the_namespace_policies_would() {
         &[],
     );
     Cli::new().plan(&a).expect_exit(0).stdout_has(&[
-        "! team-a/inside: closed by the operator config (policy.requireNamespacePolicy)",
+        "! team-a/inside: namespace team-a is not known (no Namespace object for it in the input), so the policies' namespaceSelectors cannot be matched",
     ]);
 }
 
