@@ -119,7 +119,9 @@ mod tests {
 
     #[test]
     fn ports_are_taken_out_of_ranges() {
-        let cases: &[(&[(u16, u16)], &[u16], &[(u16, u16)])] = &[
+        // (ranges, ports to drop, ranges left)
+        type Case<'a> = (&'a [(u16, u16)], &'a [u16], &'a [(u16, u16)]);
+        let cases: &[Case] = &[
             (
                 &[(30080, 30082)],
                 &[30081],

@@ -185,20 +185,25 @@ fn offline_plan_decides_what_the_namespace_policies_would() {
     );
     assert_eq!(changes(&json, "add").len(), 1);
 
-    // Without the Namespace object its labels are unknown: the plan does not guess, it
-    // keeps the Services' rules as they are and says why.
+    // Without the Namespace object its labels are unknown: the label selector cannot match
+    // it. With requireNamespacePolicy that closes it, and says why; without, the plan does
+    // not guess and keeps its rules as they are.
     let without_ns: Vec<String> = manifests
         .iter()
         .filter(|m| !m.contains("kind: Namespace"))
         .cloned()
         .collect();
-    let a = args(
+    let strict = args(
         &dir,
         &without_ns,
         "clusterName: e2e\npolicy:\n  requireNamespacePolicy: true\n",
         &[],
     );
-    Cli::new().plan(&a).expect_exit(0).stdout_has(&[
+    Cli::new().plan(&strict).expect_exit(0).stdout_has(&[
+        "! team-a/inside: closed by the operator config (policy.requireNamespacePolicy): no NodePortFirewallPolicy selects namespace team-a, and policy.requireNamespacePolicy is true (its Namespace object is not known, so only policies that select by name could)",
+    ]);
+    let lax = args(&dir, &without_ns, "clusterName: e2e\n", &[]);
+    Cli::new().plan(&lax).expect_exit(0).stdout_has(&[
         "! team-a/inside: namespace team-a is not known (no Namespace object for it in the input), so the policies' namespaceSelectors cannot be matched",
     ]);
 }

@@ -136,7 +136,9 @@ impl Judged {
     /// unknown selects every namespace, labels or not.)
     fn has_selector(&self) -> bool {
         match &self.selection {
-            Selection::Known { selector, .. } => selector.is_some(),
+            Selection::Known { selector, .. } => {
+                selector.as_ref().is_some_and(|s| !s.by_name_only())
+            }
             Selection::Unknown => false,
         }
     }
@@ -219,7 +221,14 @@ impl Tenancy {
             return Verdict::Admitted { policy: None };
         }
         let ns = self.namespace(intent.service.namespace());
-        if !self.namespaces.contains_key(&ns.name) && self.policies.iter().any(Judged::has_selector)
+        // A namespace that is not known has one label for sure, its name. A selector on
+        // other labels cannot be matched: with requireNamespacePolicy the Service is then
+        // simply not admitted by that policy (closed unless another admits it); without it,
+        // taking it as unselected could open what the policy forbids, so it is not judged.
+        let unknown = !self.namespaces.contains_key(&ns.name);
+        if unknown
+            && !floor.require_namespace_policy
+            && self.policies.iter().any(Judged::has_selector)
         {
             // Selecting it or not would both be a guess: one could open what a policy
             // forbids. In `run` this lasts until the Namespace reaches the cache.
@@ -238,6 +247,7 @@ impl Tenancy {
         let selecting: Vec<&Judged> = self
             .policies
             .iter()
+            .filter(|p| !(unknown && p.has_selector()))
             .filter(|p| p.selection.selects(&ns))
             .collect();
         if selecting.is_empty() {
@@ -245,8 +255,13 @@ impl Tenancy {
                 return Verdict::Closed {
                     by: "the operator config (policy.requireNamespacePolicy)".into(),
                     reasons: vec![format!(
-                        "no NodePortFirewallPolicy selects namespace {}, and policy.requireNamespacePolicy is true",
-                        ns.name
+                        "no NodePortFirewallPolicy selects namespace {}, and policy.requireNamespacePolicy is true{}",
+                        ns.name,
+                        if unknown && self.policies.iter().any(Judged::has_selector) {
+                            " (its Namespace object is not known, so only policies that select by name could)"
+                        } else {
+                            ""
+                        }
                     )],
                 };
             }

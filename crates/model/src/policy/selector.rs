@@ -81,6 +81,20 @@ impl Selector {
         }
     }
 
+    /// Whether it looks at no label but the namespace's name, which is known even without
+    /// the Namespace object.
+    pub fn by_name_only(&self) -> bool {
+        self.requirements.iter().all(|r| {
+            let key = match r {
+                Requirement::In(k, _)
+                | Requirement::NotIn(k, _)
+                | Requirement::Exists(k)
+                | Requirement::DoesNotExist(k) => k,
+            };
+            key == super::NAMESPACE_NAME_LABEL
+        })
+    }
+
     /// Whether `labels` satisfy every requirement.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.requirements.iter().all(|r| match r {

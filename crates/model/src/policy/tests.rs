@@ -409,7 +409,36 @@ fn a_namespace_that_is_not_known_is_not_guessed_when_policies_select_by_label() 
         &[NamespaceSpec::new("shop").with_label("env", "prod")],
     );
     assert!(matches!(t.judge(&floor, &s), Verdict::Admitted { .. }));
-    // Policies that only name namespaces need no labels.
+    // Policies that only name namespaces, or select by the name label, need no labels.
     let t = Tenancy::new(&[policy("p", &["shop"], &["10.0.0.0/8"])], &[]);
     assert!(matches!(t.judge(&floor, &s), Verdict::Admitted { .. }));
+    let by_name_label = PolicySource {
+        name: "by-name".into(),
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some([(NAMESPACE_NAME_LABEL.to_string(), "shop".to_string())].into()),
+            ..Default::default()
+        }),
+        allowed_source_ranges: vec!["10.0.0.0/8".into()],
+        ..Default::default()
+    };
+    let t = Tenancy::new(std::slice::from_ref(&by_name_label), &[]);
+    assert!(matches!(t.judge(&floor, &s), Verdict::Admitted { .. }));
+    // With requireNamespacePolicy, an unknown namespace is simply not selected by labels:
+    // closed, not guessed open.
+    let strict = Policy {
+        require_namespace_policy: true,
+        ..Policy::default()
+    };
+    let by_label = PolicySource {
+        name: "prod".into(),
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some([("env".to_string(), "prod".to_string())].into()),
+            ..Default::default()
+        }),
+        allowed_source_ranges: vec!["10.0.0.0/8".into()],
+        ..Default::default()
+    };
+    let t = Tenancy::new(&[by_label], &[]);
+    let text = closed(t.judge(&strict, &s));
+    assert!(text.contains("its Namespace object is not known"), "{text}");
 }
