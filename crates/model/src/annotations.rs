@@ -93,12 +93,22 @@ pub fn admit_cached(svc: &ServiceSpec, config: &Config, cache: &mut RangeCache) 
             };
         }
     };
+    if let ServiceType::Other(ref t) = svc.service_type {
+        return Admission::Unmanaged {
+            reason: format!("type {t} has no node ports"),
+        };
+    }
+    // A typo under our prefix is an error on every Service with node ports, managed or not:
+    // `nodeport-firewall.io/enable: "true"` must not silently leave a Service unmanaged.
+    let unknown = unknown_annotations(svc);
+    if !unknown.is_empty() {
+        return Admission::Invalid {
+            errors: unknown,
+            warnings: Vec::new(),
+        };
+    }
     match svc.service_type {
-        ServiceType::Other(ref t) => {
-            return Admission::Unmanaged {
-                reason: format!("type {t} has no node ports"),
-            };
-        }
+        ServiceType::Other(_) => {}
         ServiceType::LoadBalancer if enabled != Some(true) => {
             return Admission::Unmanaged {
                 reason: format!("type LoadBalancer is managed only with {ENABLED}=true"),
@@ -121,17 +131,6 @@ pub fn admit_cached(svc: &ServiceSpec, config: &Config, cache: &mut RangeCache) 
 
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
-
-    for key in svc.annotations.keys() {
-        if key.starts_with(ANNOTATION_PREFIX) && !KNOWN.contains(&key.as_str()) {
-            let hint = KNOWN
-                .iter()
-                .find(|k| similar(k, key))
-                .map(|k| format!("; did you mean {k}?"))
-                .unwrap_or_default();
-            errors.push(format!("unknown annotation {key}{hint}"));
-        }
-    }
 
     // Which ports.
     let selected: Vec<&crate::service::ServicePort> = match get(PORTS) {
@@ -191,6 +190,13 @@ pub fn admit_cached(svc: &ServiceSpec, config: &Config, cache: &mut RangeCache) 
             }
             Some(n) => match u16::try_from(n) {
                 Ok(n) if n > 0 => {
+                    if !config.node_port_range.contains(n) {
+                        warnings.push(format!(
+                            "port {}: nodePort {n} is outside the cluster's node-port range {} (nodePortRange in the config)",
+                            label(),
+                            config.node_port_range
+                        ));
+                    }
                     ports.push((protocol, n));
                 }
                 _ => errors.push(format!("port {}: nodePort {n} is outside 1-65535", label())),
@@ -275,6 +281,22 @@ pub fn admit_cached(svc: &ServiceSpec, config: &Config, cache: &mut RangeCache) 
     })
 }
 
+/// Every annotation under our prefix that is not one of ours, with a did-you-mean.
+fn unknown_annotations(svc: &ServiceSpec) -> Vec<String> {
+    svc.annotations
+        .keys()
+        .filter(|key| key.starts_with(ANNOTATION_PREFIX) && !KNOWN.contains(&key.as_str()))
+        .map(|key| {
+            let hint = KNOWN
+                .iter()
+                .find(|k| similar(k, key))
+                .map(|k| format!("; did you mean {k}?"))
+                .unwrap_or_default();
+            format!("unknown annotation {key}{hint}")
+        })
+        .collect()
+}
+
 fn cached_ranges(cache: &mut RangeCache, text: &str) -> Result<ParsedRanges, Vec<String>> {
     if let Some(hit) = cache.get(text) {
         return hit.clone();
@@ -285,9 +307,17 @@ fn cached_ranges(cache: &mut RangeCache, text: &str) -> Result<ParsedRanges, Vec
 }
 
 /// A cheap typo check: same length give or take two, and most characters shared in order.
-fn similar(known: &str, given: &str) -> bool {
-    let a = known.trim_start_matches(ANNOTATION_PREFIX);
-    let b = given.trim_start_matches(ANNOTATION_PREFIX);
+pub fn similar(known: &str, given: &str) -> bool {
+    let a = known
+        .trim_start_matches(ANNOTATION_PREFIX)
+        .to_ascii_lowercase();
+    let b = given
+        .trim_start_matches(ANNOTATION_PREFIX)
+        .to_ascii_lowercase();
+    let (a, b) = (a.as_str(), b.as_str());
+    if a == b {
+        return true;
+    }
     if a.len().abs_diff(b.len()) > 2 {
         return false;
     }
@@ -415,6 +445,37 @@ mod tests {
             let i = intent(admit(&web().with_ranges(ranges), &cfg()));
             assert!(!i.sources.is_empty(), "{ranges}");
         }
+    }
+
+    #[test]
+    fn a_typo_under_our_prefix_is_an_error_on_unmanaged_services_too() {
+        // Not opted in (manageAllNodePortServices is off): still an error, with a hint.
+        let cases = [
+            (
+                "nodeport-firewall.io/enable",
+                "did you mean nodeport-firewall.io/enabled?",
+            ),
+            (
+                "nodeport-firewall.io/Enabled",
+                "did you mean nodeport-firewall.io/enabled?",
+            ),
+            (
+                "nodeport-firewall.io/node-pool",
+                "did you mean nodeport-firewall.io/node-pools?",
+            ),
+        ];
+        for (key, hint) in cases {
+            let svc = ServiceSpec::nodeport("d", "s")
+                .with_port("", "TCP", 80, 30080)
+                .with_annotation(key, "true");
+            let errs = errors(admit(&svc, &cfg()));
+            assert!(errs[0].contains(hint), "{key}: {errs:?}");
+        }
+        // A ClusterIP Service has no node ports: nothing to manage, nothing to report.
+        let cip = ServiceSpec::nodeport("d", "s")
+            .with_type(ServiceType::Other("ClusterIP".into()))
+            .with_annotation("nodeport-firewall.io/enable", "true");
+        assert!(matches!(admit(&cip, &cfg()), Admission::Unmanaged { .. }));
     }
 
     #[test]

@@ -6,6 +6,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::net::{SourceSet, parse_ranges};
 use crate::node::PoolName;
+use crate::rule::PortRange;
+
+/// Kubernetes' default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORT_RANGE: PortRange = PortRange {
+    from: 30000,
+    to: 32767,
+};
 use crate::{Error, Result};
 
 /// The node labels that name a node's pool, in priority order, when the config gives none.
@@ -127,6 +134,7 @@ struct RawConfig {
     #[serde(default)]
     pools: BTreeMap<String, PoolConfig>,
     manage_unlisted_pools: Option<bool>,
+    node_port_range: Option<String>,
     aws: Option<serde_json::Value>,
     gcp: Option<serde_json::Value>,
     azure: Option<serde_json::Value>,
@@ -148,6 +156,9 @@ pub struct Config {
     pub pools: BTreeMap<PoolName, PoolConfig>,
     /// Whether pools found on Nodes but not listed under `pools` are managed.
     pub manage_unlisted_pools: bool,
+    /// The cluster's node-port range (the API server's `--service-node-port-range`): a
+    /// nodePort outside it gets a warning.
+    pub node_port_range: PortRange,
     /// Provider sections, opaque here: each provider validates its own.
     pub providers: BTreeMap<String, serde_json::Value>,
 }
@@ -163,6 +174,7 @@ impl Config {
             policy: Policy::default(),
             pools: BTreeMap::new(),
             manage_unlisted_pools: true,
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
             providers: BTreeMap::new(),
         }
     }
@@ -175,15 +187,16 @@ impl Config {
             unknown.insert(path.to_string());
         })
         .map_err(|e| Error::Config(e.to_string()))?;
+        // Every problem at once: the unknown keys, then what the known ones say.
+        let mut problems = Vec::new();
         if !unknown.is_empty() {
-            let keys: Vec<String> = unknown.into_iter().collect();
-            return Err(Error::Config(format!("unknown keys: {}", keys.join(", "))));
+            let keys: Vec<String> = unknown.iter().map(|k| with_hint(k)).collect();
+            problems.push(format!("unknown keys: {}", keys.join(", ")));
         }
-        Self::validate(raw)
+        Self::validate(raw, problems)
     }
 
-    fn validate(raw: RawConfig) -> Result<Self> {
-        let mut problems = Vec::new();
+    fn validate(raw: RawConfig, mut problems: Vec<String>) -> Result<Self> {
         let cluster_name = raw.cluster_name.unwrap_or_default();
         if cluster_name.is_empty() {
             problems.push("clusterName is required".to_string());
@@ -222,6 +235,14 @@ impl Config {
             }
             Err(errors) => problems.push(format!("defaultSourceRanges: {}", errors.join("; "))),
         }
+        let node_port_range = match raw.node_port_range.as_deref().map(str::parse::<PortRange>) {
+            None => DEFAULT_NODE_PORT_RANGE,
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
+                problems.push(format!("nodePortRange: {e} (N-M, e.g. 30000-32767)"));
+                DEFAULT_NODE_PORT_RANGE
+            }
+        };
         if raw.policy.max_ranges_per_service == 0 {
             problems.push("policy.maxRangesPerService must be at least 1".to_string());
         }
@@ -256,6 +277,7 @@ impl Config {
                 .map(|(k, v)| (PoolName(k), v))
                 .collect(),
             manage_unlisted_pools: raw.manage_unlisted_pools.unwrap_or(true),
+            node_port_range,
             providers,
         })
     }
@@ -271,6 +293,51 @@ impl Config {
     /// A provider's section of the config, if any.
     pub fn provider_section(&self, provider: &str) -> Option<&serde_json::Value> {
         self.providers.get(provider)
+    }
+}
+
+/// The keys of each section, for a did-you-mean on an unknown one.
+fn known_keys(section: &[&str]) -> &'static [&'static str] {
+    match section {
+        [] => &[
+            "clusterName",
+            "manageAllNodePortServices",
+            "poolLabels",
+            "defaultSourceRanges",
+            "policy",
+            "pools",
+            "manageUnlistedPools",
+            "nodePortRange",
+            "aws",
+            "gcp",
+            "azure",
+            "memory",
+        ],
+        ["policy"] => &[
+            "allowWorldOpen",
+            "maxRangesPerService",
+            "minPrefixLength",
+            "requireNamespacePolicy",
+            "portMerge",
+        ],
+        ["policy", "minPrefixLength"] => &["ipv4", "ipv6"],
+        ["pools", _] => &["managed", "aws", "gcp", "azure", "memory"],
+        _ => &[],
+    }
+}
+
+/// `path` with `(did you mean …?)` when a known key of its section is close to it.
+fn with_hint(path: &str) -> String {
+    let parts: Vec<&str> = path.split('.').collect();
+    let Some((last, section)) = parts.split_last() else {
+        return path.to_string();
+    };
+    match known_keys(section)
+        .iter()
+        .find(|k| crate::annotations::similar(k, last))
+    {
+        Some(k) => format!("{path} (did you mean {k}?)"),
+        None => path.to_string(),
     }
 }
 
@@ -304,11 +371,24 @@ mod tests {
             ("clusterName: a\nfoo: 1\nbar: 2", "unknown keys: bar, foo"),
             (
                 "clusterName: a\npolicy:\n  allowWorldOpn: true",
-                "unknown keys: policy.allowWorldOpn",
+                "unknown keys: policy.allowWorldOpn (did you mean allowWorldOpen?)",
             ),
             (
                 "clusterName: a\npools:\n  web:\n    managd: false",
-                "unknown keys: pools.web.managd",
+                "unknown keys: pools.web.managd (did you mean managed?)",
+            ),
+            (
+                "clusterName: a\nclustername: b",
+                "unknown keys: clustername (did you mean clusterName?)",
+            ),
+            // Every problem at once.
+            (
+                "clusterName: 'has space'\nfoo: 1\npoolLabels: []",
+                "unknown keys: foo; clusterName \"has space\" must be 1-63 characters",
+            ),
+            (
+                "clusterName: a\nnodePortRange: 40000-30000",
+                "nodePortRange:",
             ),
             (
                 "clusterName: a\ndefaultSourceRanges: [0.0.0.0/0]",

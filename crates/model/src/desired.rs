@@ -99,6 +99,8 @@ pub struct Desired {
     pub services: Arc<Vec<ServiceReport>>,
     /// Nodes that carry none of the pool labels.
     pub unpooled_nodes: Vec<String>,
+    /// How many Nodes were given.
+    pub nodes: usize,
     /// Invalid Services: their existing rules are kept exactly as they are.
     pub pinned: BTreeSet<ServiceRef>,
     /// Services the policy refused, with why: their rules are removed, and the plan says so.
@@ -306,9 +308,21 @@ pub fn desired_with(
                 let mut on = Vec::new();
                 for name in names {
                     match pools.get(name) {
-                        None => report
-                            .warnings
-                            .push(format!("pool {name} has no nodes and is not in the config")),
+                        None => {
+                            // Pool names are label values: `Web` is not `web`, but it is
+                            // most likely what was meant.
+                            let hint = pools
+                                .keys()
+                                .find(|p| {
+                                    p.as_str().eq_ignore_ascii_case(name.as_str())
+                                        || crate::annotations::similar(p.as_str(), name.as_str())
+                                })
+                                .map(|p| format!("; did you mean {p}?"))
+                                .unwrap_or_default();
+                            report.warnings.push(format!(
+                                "pool {name} has no nodes and is not in the config{hint}"
+                            ))
+                        }
                         Some(p) if !p.managed => {
                             report.warnings.push(format!("pool {name} is not managed"))
                         }
@@ -348,6 +362,7 @@ pub fn desired_with(
         pools,
         services: Arc::new(reports),
         unpooled_nodes,
+        nodes: nodes.len(),
         pinned,
         closed,
         held_ports,
@@ -475,6 +490,13 @@ mod tests {
         assert!(
             w.iter().any(|w| w.contains("pool b is not managed")),
             "{w:?}"
+        );
+        let typo = vec![svc("t", 30002, "10.0.0.0/8").with_annotation("node-pools", "A")];
+        let d = desired(&config, &typo, &nodes());
+        assert!(
+            d.services[0].warnings[0].ends_with("did you mean a?"),
+            "{:?}",
+            d.services[0].warnings
         );
         assert!(
             w.iter().any(|w| w.contains("pool ghost has no nodes")),

@@ -24,6 +24,7 @@ pub mod policy;
 pub mod rule;
 pub mod service;
 pub mod set;
+pub mod warnings;
 
 pub use annotations::{ANNOTATION_PREFIX, Admission, ServiceIntent};
 pub use config::{Config, MinPrefixLength, Policy, PoolConfig, PortMerge};
@@ -40,6 +41,7 @@ pub use policy::{NamespaceSpec, PolicyReport, PolicySource, Tenancy, Verdict};
 pub use rule::{Limits, PortRange, Protocol, Render, Rule, RuleContent, ShapeRenderer};
 pub use service::{ServicePort, ServiceRef, ServiceSpec, ServiceType};
 pub use set::{PoolSet, ServiceSet, SharedSet};
+pub use warnings::{Warning, WarningKind};
 
 /// Errors of the pure model: invalid configuration or unreadable input objects.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -279,6 +279,8 @@ pub struct Plan {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<crate::policy::PolicyReport>,
     pub unpooled_nodes: Vec<String>,
+    /// Every warning, with a stable kind (what `plan --strict` fails on).
+    pub warnings: Vec<crate::warnings::Warning>,
     pub summary: Summary,
 }
 
@@ -391,6 +393,7 @@ pub fn plan(
         services: Arc::clone(&desired.services),
         policies: desired.policies.clone(),
         unpooled_nodes: desired.unpooled_nodes.clone(),
+        warnings: crate::warnings::of(desired),
         summary,
     }
 }

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use nodeport_firewall_model::{
-    Config, NamespaceSpec, NodeSpec, ServiceSpec, Tenancy, desired_with,
+    Config, NamespaceSpec, NodeSpec, ServiceSpec, Tenancy, Warning, WarningKind, desired_with,
 };
 use nodeport_firewall_provider::engine::{self, ApplyOutcome};
+use serde_json::json;
 
 use crate::output::{self, Style};
 use crate::providers::{self, ProviderName};
@@ -52,7 +53,7 @@ pub enum Command {
     Apply(ApplyArgs),
     /// Permission preflight: which cloud permissions the credentials lack on each target,
     /// checked without changing anything (EC2 DryRun on AWS). Exit 0: all present, 1: missing.
-    Check(PlanArgs),
+    Check(CheckArgs),
     /// The in-cluster controller: watch Services and Nodes, keep every pool's firewall in sync.
     Run(RunArgs),
     /// Print the NodePortFirewallPolicy CustomResourceDefinition (YAML), as the Helm chart
@@ -66,10 +67,12 @@ pub enum OutputFormat {
     Json,
 }
 
+/// What `plan`, `apply` and `check` read.
 #[derive(Debug, Args)]
-pub struct PlanArgs {
-    /// Node and Service manifests: YAML/JSON files or directories (repeatable).
-    #[arg(short = 'f', long = "filename", required = true)]
+pub struct InputArgs {
+    /// Manifests (Nodes, Services, Namespaces, NodePortFirewallPolicies): YAML/JSON files or
+    /// directories, `-` for standard input. Repeatable, or comma-separated.
+    #[arg(short = 'f', long = "filename", required = true, value_delimiter = ',')]
     pub filenames: Vec<PathBuf>,
     /// The operator config file (YAML).
     #[arg(long, env = "NPF_CONFIG")]
@@ -77,18 +80,37 @@ pub struct PlanArgs {
     /// Which cloud to read (and, for apply, write).
     #[arg(long, value_enum, default_value_t = ProviderName::Memory, env = "NPF_PROVIDER")]
     pub provider: ProviderName,
+    /// The in-memory provider's state file (JSON): read if it exists, written by apply.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
     /// Show unchanged rules and unmanaged Services with the reason.
     #[arg(short, long)]
     pub verbose: bool,
-    /// The in-memory provider's state file (JSON): read if it exists, written by apply.
-    #[arg(long)]
-    pub state: Option<PathBuf>,
     /// Never colour the output (colour is used only on a terminal anyway; NO_COLOR works too).
     #[arg(long)]
     pub no_color: bool,
+    /// Any warning (an invalid annotation, a closed Service, a Node without a pool, no Nodes
+    /// in the input, …) exits 1, after the plan is printed; apply writes nothing.
+    #[arg(long, env = "NPF_STRICT")]
+    pub strict: bool,
 }
 
 #[derive(Debug, Args)]
@@ -210,7 +232,7 @@ fn load_config(path: &std::path::Path) -> Result<Config> {
     })
 }
 
-async fn prepare(args: &PlanArgs) -> Result<Prepared> {
+async fn prepare(args: &InputArgs, no_color: bool) -> Result<Prepared> {
     let config = load_config(&args.config)?;
     let manifests = crate::manifests::load(&args.filenames)?;
     let mut services = Vec::with_capacity(manifests.services.len());
@@ -242,9 +264,17 @@ async fn prepare(args: &PlanArgs) -> Result<Prepared> {
     let tenancy = Tenancy::new(&policies, &namespaces);
     let backend = providers::build(args.provider, &config, args.state.as_deref()).await?;
     let d = desired_with(&config, &services, &nodes, &tenancy);
-    let plan = engine::plan(backend.provider(), &config, &d).await;
+    let mut plan = engine::plan(backend.provider(), &config, &d).await;
+    plan.warnings
+        .extend(manifests.skipped.iter().map(|(place, why)| {
+            Warning::new(
+                WarningKind::InputSkipped,
+                Some(place.clone()),
+                format!("{place}: skipped: {why}"),
+            )
+        }));
     let color =
-        !args.no_color && std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal();
+        !no_color && std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal();
     Ok(Prepared {
         config,
         backend,
@@ -267,10 +297,22 @@ fn print_plan(p: &Prepared, args: &PlanArgs) -> Result<()> {
     stdout.flush().map_err(|e| Error::Io(e.to_string()))
 }
 
+/// `--strict` and warnings: says why on stderr.
+fn strict_refuses(args: &PlanArgs, plan: &nodeport_firewall_model::Plan) -> bool {
+    if !args.strict || plan.warnings.is_empty() {
+        return false;
+    }
+    eprintln!(
+        "error: --strict: the plan has {} warning(s)",
+        plan.warnings.len()
+    );
+    true
+}
+
 async fn plan(args: PlanArgs) -> Result<u8> {
-    let p = prepare(&args).await?;
+    let p = prepare(&args.input, args.no_color).await?;
     print_plan(&p, &args)?;
-    Ok(if p.plan.has_errors() {
+    Ok(if p.plan.has_errors() || strict_refuses(&args, &p.plan) {
         EXIT_ERROR
     } else if p.plan.has_changes() {
         EXIT_CHANGES
@@ -280,33 +322,45 @@ async fn plan(args: PlanArgs) -> Result<u8> {
 }
 
 async fn apply(args: ApplyArgs) -> Result<u8> {
-    let p = prepare(&args.plan).await?;
-    print_plan(&p, &args.plan)?;
+    let p = prepare(&args.plan.input, args.plan.no_color).await?;
+    let json = args.plan.output == OutputFormat::Json;
+    if !json {
+        print_plan(&p, &args.plan)?;
+    }
+    if strict_refuses(&args.plan, &p.plan) {
+        if json {
+            print_json(&json!({"plan": &p.plan, "applied": []}))?;
+        }
+        return Ok(EXIT_ERROR);
+    }
     let refused: Vec<_> = p
         .plan
         .targets
         .iter()
         .filter(|t| t.error.is_some() && t.has_writes())
         .collect();
-    if !p.plan.has_changes() && !refused.is_empty() {
-        // Changes are pending, but only on targets whose plan has an error: say so.
-        for t in refused {
-            let error = t
-                .error
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default();
-            println!("{}: not applied: {error}", t.target);
-        }
-        return Ok(EXIT_ERROR);
-    }
     if !p.plan.has_changes() {
-        println!("No changes to apply.");
-        return Ok(if p.plan.has_errors() {
+        // Nothing to write, or changes pending only on targets whose plan has an error.
+        let code = if p.plan.has_errors() || !refused.is_empty() {
             EXIT_ERROR
         } else {
             EXIT_NO_CHANGES
-        });
+        };
+        if json {
+            print_json(&json!({"plan": &p.plan, "applied": []}))?;
+        } else if refused.is_empty() {
+            println!("No changes to apply.");
+        } else {
+            for t in refused {
+                let error = t
+                    .error
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                println!("{}: not applied: {error}", t.target);
+            }
+        }
+        return Ok(code);
     }
     if !args.yes {
         if !std::io::stdin().is_terminal() {
@@ -330,9 +384,13 @@ async fn apply(args: ApplyArgs) -> Result<u8> {
             return Ok(EXIT_ERROR);
         }
     }
-    let outcomes = engine::apply(p.backend.provider(), &p.plan).await;
-    p.backend.save_state(args.plan.state.as_deref())?;
-    print!("{}", output::applied(&outcomes, p.style));
+    let outcomes = apply_with_progress(&p, json).await?;
+    p.backend.save_state(args.plan.input.state.as_deref())?;
+    if json {
+        print_json(&json!({"plan": &p.plan, "applied": applied_json(&outcomes)}))?;
+    } else {
+        print!("{}", output::applied_total(&outcomes));
+    }
     let failed = outcomes.iter().any(|(_, o)| {
         matches!(
             o,
@@ -346,8 +404,70 @@ async fn apply(args: ApplyArgs) -> Result<u8> {
     })
 }
 
-async fn check(args: PlanArgs) -> Result<u8> {
-    let p = prepare(&args).await?;
+/// Applies target by target, telling each one as it finishes (on a terminal, also which one
+/// is being written). A target's writes are still batched by its provider.
+async fn apply_with_progress(
+    p: &Prepared,
+    json: bool,
+) -> Result<Vec<(nodeport_firewall_provider::Target, ApplyOutcome)>> {
+    let terminal = !json && std::io::stdout().is_terminal();
+    let mut outcomes = Vec::new();
+    for tp in &p.plan.targets {
+        if !tp.has_writes() && tp.error.is_none() {
+            continue;
+        }
+        if terminal {
+            print!("{}: applying…", tp.target);
+            std::io::stdout()
+                .flush()
+                .map_err(|e| Error::Io(e.to_string()))?;
+        }
+        let started = std::time::Instant::now();
+        let one = nodeport_firewall_model::Plan {
+            targets: vec![tp.clone()],
+            ..p.plan.clone()
+        };
+        let mut done = engine::apply(p.backend.provider(), &one).await;
+        let seconds = started.elapsed().as_secs_f64();
+        if terminal {
+            print!("\r\x1b[2K");
+        }
+        for (target, outcome) in &done {
+            if !json {
+                print!(
+                    "{}",
+                    output::applied_target(target, outcome, seconds, p.style)
+                );
+            }
+        }
+        outcomes.append(&mut done);
+    }
+    Ok(outcomes)
+}
+
+/// What was applied, per target, for `apply -o json`.
+fn applied_json(
+    outcomes: &[(nodeport_firewall_provider::Target, ApplyOutcome)],
+) -> serde_json::Value {
+    serde_json::Value::Array(
+        outcomes
+            .iter()
+            .map(|(t, o)| json!({"target": t, "result": o}))
+            .collect(),
+    )
+}
+
+fn print_json(value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Io(e.to_string()))? + "\n";
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .map_err(|e| Error::Io(e.to_string()))?;
+    stdout.flush().map_err(|e| Error::Io(e.to_string()))
+}
+
+async fn check(args: CheckArgs) -> Result<u8> {
+    let p = prepare(&args.input, false).await?;
     let mut targets: Vec<_> = p
         .plan
         .pools
@@ -358,36 +478,44 @@ async fn check(args: PlanArgs) -> Result<u8> {
     targets.dedup();
     let mut failed = false;
     let mut out = String::new();
+    let mut report = Vec::new();
     for pool in p.plan.pools.iter().filter(|pool| pool.error.is_some()) {
         failed = true;
+        let error = pool.error.as_deref().unwrap_or("");
         out.push_str(&format!(
-            "pool {}: cannot resolve its target: {}\n",
-            pool.name,
-            pool.error.as_deref().unwrap_or("")
+            "pool {}: cannot resolve its target: {error}\n",
+            pool.name
         ));
+        report.push(json!({"pool": pool.name, "error": error}));
     }
     for target in &targets {
         match p.backend.provider().preflight(target).await {
             Ok(missing) if missing.is_empty() => {
-                out.push_str(&format!("{target}: all permissions present\n"))
+                out.push_str(&format!("{target}: all permissions present\n"));
+                report.push(json!({"target": target, "missing": []}));
             }
             Ok(missing) => {
                 failed = true;
                 out.push_str(&format!("{target}: missing permissions:\n"));
-                for m in missing {
+                for m in &missing {
                     out.push_str(&format!("  - {m}\n"));
                 }
+                report.push(json!({"target": target, "missing": missing}));
             }
             Err(e) => {
                 failed = true;
                 out.push_str(&format!("{target}: check failed: {e}\n"));
+                report.push(json!({"target": target, "error": e.to_string()}));
             }
         }
     }
     if targets.is_empty() && !failed {
         out.push_str("no targets to check (no managed pool resolved)\n");
     }
-    print!("{out}");
+    match args.output {
+        OutputFormat::Json => print_json(&json!({"ok": !failed, "checks": report}))?,
+        OutputFormat::Text => print!("{out}"),
+    }
     Ok(if failed { EXIT_ERROR } else { EXIT_NO_CHANGES })
 }
 

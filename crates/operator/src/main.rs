@@ -12,7 +12,21 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = nodeport_firewall::cli::Cli::parse();
+    let cli = match nodeport_firewall::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Exit codes are a contract for CI (0 no changes, 2 changes pending, 1 anything
+            // else): clap's own exit code for a usage error is 2, which would read as
+            // "changes pending". --help and --version are not errors.
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(nodeport_firewall::cli::EXIT_ERROR),
+            };
+        }
+    };
     nodeport_firewall::cli::init_tracing(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use nodeport_firewall_model::desired::ServiceStatus;
-use nodeport_firewall_model::{Action, Change, Plan, Rule};
+use nodeport_firewall_model::{Action, Change, Plan, Rule, WarningKind};
 use nodeport_firewall_provider::ApplyOutcome;
 use nodeport_firewall_provider::model::Target;
 
@@ -207,40 +207,16 @@ pub fn text(plan: &Plan, verbose: bool, style: Style) -> String {
         }
     }
 
-    let mut warnings = Vec::new();
-    for s in plan.services.iter() {
-        for e in &s.errors {
-            warnings.push(style.red(&format!(
-                "{}: {e} (its existing rules are kept as they are)",
-                s.service
-            )));
-        }
-        if s.status == ServiceStatus::Closed {
-            warnings.push(style.red(&format!(
-                "{}: closed by {}: {} (its rules are removed)",
-                s.service,
-                s.policy.as_deref().unwrap_or("policy"),
-                s.reason.as_deref().unwrap_or("refused")
-            )));
-        }
-        if s.status != ServiceStatus::Unmanaged {
-            for w in &s.warnings {
-                warnings.push(format!("{}: {w}", s.service));
-            }
-        }
-    }
-    for p in plan.policies.iter().filter(|p| !p.accepted) {
-        warnings.push(style.red(&format!(
-            "NodePortFirewallPolicy {} is invalid and admits nothing: {}",
-            p.name,
-            p.message.as_deref().unwrap_or("")
-        )));
-    }
-    for n in &plan.unpooled_nodes {
-        warnings.push(format!(
-            "node {n} has none of the pool labels (poolLabels in the config); it belongs to no pool"
-        ));
-    }
+    let warnings: Vec<String> = plan
+        .warnings
+        .iter()
+        .map(|w| match w.kind {
+            WarningKind::InvalidAnnotation
+            | WarningKind::ClosedByPolicy
+            | WarningKind::InvalidPolicy => style.red(&w.to_string()),
+            _ => w.to_string(),
+        })
+        .collect();
     if !warnings.is_empty() {
         let _ = writeln!(out);
         let _ = writeln!(out, "{}", style.yellow("Warnings:"));
@@ -315,44 +291,56 @@ pub fn text(plan: &Plan, verbose: bool, style: Style) -> String {
     out
 }
 
-/// Renders what an apply did.
-pub fn applied(outcomes: &[(Target, ApplyOutcome)], style: Style) -> String {
+/// One target's apply, as it finishes: what was written, and how long it took.
+pub fn applied_target(
+    target: &Target,
+    outcome: &ApplyOutcome,
+    seconds: f64,
+    style: Style,
+) -> String {
     let mut out = String::new();
-    let (mut added, mut removed, mut updated) = (0, 0, 0);
-    for (target, outcome) in outcomes {
-        match outcome {
-            ApplyOutcome::NoChanges => {}
-            ApplyOutcome::Applied { report } => {
-                added += report.added;
-                removed += report.removed;
-                updated += report.updated;
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    style.green(&format!(
-                        "{target}: {} added, {} changed, {} removed",
-                        report.added, report.updated, report.removed
-                    ))
-                );
-                for n in &report.notes {
-                    let _ = writeln!(out, "  note: {n}");
-                }
-            }
-            ApplyOutcome::Refused { error } => {
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    style.red(&format!("{target}: not applied: {error}"))
-                );
-            }
-            ApplyOutcome::Failed { error } => {
-                let _ = writeln!(out, "{}", style.red(&format!("{target}: FAILED: {error}")));
+    match outcome {
+        ApplyOutcome::NoChanges => {}
+        ApplyOutcome::Applied { report } => {
+            let _ = writeln!(
+                out,
+                "{}",
+                style.green(&format!(
+                    "{target}: {} added, {} changed, {} removed ({seconds:.1} s)",
+                    report.added, report.updated, report.removed
+                ))
+            );
+            for n in &report.notes {
+                let _ = writeln!(out, "  note: {n}");
             }
         }
+        ApplyOutcome::Refused { error } => {
+            let _ = writeln!(
+                out,
+                "{}",
+                style.red(&format!("{target}: not applied: {error}"))
+            );
+        }
+        ApplyOutcome::Failed { error } => {
+            let _ = writeln!(
+                out,
+                "{}",
+                style.red(&format!("{target}: FAILED after {seconds:.1} s: {error}"))
+            );
+        }
     }
-    let _ = writeln!(
-        out,
-        "Apply complete: {added} added, {updated} changed, {removed} removed."
-    );
     out
+}
+
+/// The closing line of an apply.
+pub fn applied_total(outcomes: &[(Target, ApplyOutcome)]) -> String {
+    let (mut added, mut removed, mut updated) = (0, 0, 0);
+    for (_, outcome) in outcomes {
+        if let ApplyOutcome::Applied { report } = outcome {
+            added += report.added;
+            removed += report.removed;
+            updated += report.updated;
+        }
+    }
+    format!("Apply complete: {added} added, {updated} changed, {removed} removed.\n")
 }
