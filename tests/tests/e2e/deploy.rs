@@ -1674,7 +1674,30 @@ fn admission_policy_agrees_with_the_annotation_parser() {
             false,
             Invalid,
         ),
-        (vec![typo], "NodePort", false, false, Valid),
+        // A typo is an error on an unmanaged Service too: `enable: "true"` must not
+        // silently leave it unmanaged.
+        (vec![typo], "NodePort", false, false, Invalid),
+        (
+            vec![("nodeport-firewall.io/enable", "true")],
+            "NodePort",
+            false,
+            false,
+            Invalid,
+        ),
+        (
+            vec![("nodeport-firewall.io/enable", "true")],
+            "LoadBalancer",
+            false,
+            false,
+            Invalid,
+        ),
+        (
+            vec![("nodeport-firewall.io/enable", "true")],
+            "ClusterIP",
+            false,
+            false,
+            Valid,
+        ),
         (
             vec![(ENABLED, "true"), ok, ("example.com/colour", "red")],
             "NodePort",
