@@ -25,6 +25,8 @@ pub enum WarningKind {
     /// Services but no Nodes: nothing can be planned for them, and rules of ours may still
     /// be in the cloud.
     NoNodes,
+    /// No Services and no Nodes at all (an empty file or directory): nothing was checked.
+    EmptyInput,
     /// A document of the input that is not an object the plan reads (no `kind`).
     InputSkipped,
 }
@@ -128,6 +130,13 @@ pub fn of(desired: &Desired) -> Vec<Warning> {
             format!(
                 "node {n} has none of the pool labels (poolLabels in the config); it belongs to no pool"
             ),
+        ));
+    }
+    if desired.nodes == 0 && desired.services.is_empty() {
+        out.push(Warning::new(
+            WarningKind::EmptyInput,
+            None,
+            "the input has no Services and no Nodes: nothing was checked".into(),
         ));
     }
     if desired.nodes == 0 && !desired.services.is_empty() {

@@ -127,6 +127,7 @@ fn is_fresh(bin: &Path) -> bool {
 pub struct Cli {
     args: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
+    stdin: Option<String>,
 }
 
 impl Default for Cli {
@@ -140,7 +141,14 @@ impl Cli {
         Cli {
             args: Vec::new(),
             envs: Vec::new(),
+            stdin: None,
         }
+    }
+
+    /// Gives the run `text` on standard input (still not a terminal).
+    pub fn stdin(mut self, text: &str) -> Self {
+        self.stdin = Some(text.to_string());
+        self
     }
 
     /// Sets an environment variable for the run.
@@ -176,7 +184,22 @@ impl Cli {
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }
-        let out = cmd.output().expect("run nodeport-firewall");
+        let out = match &self.stdin {
+            None => cmd.output().expect("run nodeport-firewall"),
+            Some(text) => {
+                use std::io::Write as _;
+                cmd.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                let mut child = cmd.spawn().expect("run nodeport-firewall");
+                if let Some(mut input) = child.stdin.take() {
+                    input.write_all(text.as_bytes()).expect("write stdin");
+                }
+                child
+                    .wait_with_output()
+                    .expect("wait for nodeport-firewall")
+            }
+        };
         Run {
             command: format!(
                 "nodeport-firewall {}",

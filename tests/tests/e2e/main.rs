@@ -6,6 +6,7 @@
 
 mod aws;
 mod azure;
+mod ci;
 mod cli;
 mod deploy;
 mod gcp;

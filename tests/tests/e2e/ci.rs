@@ -1,0 +1,307 @@
+//! The CLI as CI uses it: exit codes, `--strict`, inputs read the way people write them, and
+//! output a machine can rely on.
+
+use serde_json::Value;
+
+use crate::cli::{Cli, Scratch, examples};
+use crate::manifests::{docs, node, svc};
+use crate::{demo, s};
+
+fn kinds(plan: &Value) -> Vec<String> {
+    plan["warnings"]
+        .as_array()
+        .expect("warnings")
+        .iter()
+        .map(|w| w["kind"].as_str().expect("kind").to_string())
+        .collect()
+}
+
+#[test]
+fn every_class_of_exit_code() {
+    let ex = examples();
+    let config = s(&ex.join("config.yaml"));
+    let cluster = s(&ex.join("cluster"));
+    let dir = Scratch::new();
+    let state = s(&dir.path("state.json"));
+    // (what, args, exit code)
+    let cases: Vec<(&str, Vec<&str>, i32)> = vec![
+        ("--help", vec!["--help"], 0),
+        ("plan --help", vec!["plan", "--help"], 0),
+        ("--version", vec!["--version"], 0),
+        ("no subcommand", vec![], 1),
+        ("a mistyped subcommand", vec!["plna"], 1),
+        ("a missing --config", vec!["plan", "-f", &cluster], 1),
+        (
+            "an unknown output format",
+            vec!["plan", "-f", &cluster, "--config", &config, "-o", "yaml"],
+            1,
+        ),
+        (
+            // What the shell makes of `-f manifests/*.yaml`.
+            "an extra argument",
+            vec!["plan", "-f", &cluster, "extra.yaml", "--config", &config],
+            1,
+        ),
+        (
+            "changes pending",
+            vec!["plan", "-f", &cluster, "--config", &config],
+            2,
+        ),
+        (
+            "an error",
+            vec!["plan", "-f", "/nonexistent", "--config", &config],
+            1,
+        ),
+        (
+            "check takes only its flags",
+            vec!["check", "-f", &cluster, "--config", &config, "-v"],
+            1,
+        ),
+    ];
+    for (what, args, code) in cases {
+        let (sub, rest) = match args.split_first() {
+            Some((sub, rest)) => (*sub, rest.to_vec()),
+            None => ("", Vec::new()),
+        };
+        let run = if sub.is_empty() {
+            Cli::new().run("", &Vec::<&str>::new())
+        } else {
+            Cli::new().run(sub, &rest)
+        };
+        assert_eq!(run.code, Some(code), "{what}: {run:?}");
+    }
+    // No changes: 0.
+    Cli::new()
+        .apply(&demo(&["--yes", "--state", &state]))
+        .expect_exit(0);
+    Cli::new().plan(&demo(&["--state", &state])).expect_exit(0);
+}
+
+#[test]
+fn strict_fails_on_any_warning_and_json_lists_them_by_kind() {
+    // The bundled demo has an invalid annotation (on purpose) and a Node without a pool.
+    Cli::new()
+        .plan(&demo(&["--strict"]))
+        .expect_exit(1)
+        .stderr_has(&["error: --strict: the plan has"]);
+    Cli::new()
+        .env("NPF_STRICT", "true")
+        .plan(&demo(&[]))
+        .expect_exit(1);
+    let json = Cli::new()
+        .plan(&demo(&["-o", "json"]))
+        .expect_exit(2)
+        .json();
+    let k = kinds(&json);
+    assert!(k.contains(&"invalidAnnotation".to_string()), "{k:?}");
+    assert!(k.contains(&"nodeWithoutPool".to_string()), "{k:?}");
+    let w = &json["warnings"][0];
+    assert!(w["subject"].is_string() && w["message"].is_string(), "{w}");
+
+    // Without warnings, --strict changes nothing.
+    let dir = Scratch::new();
+    let m = dir.write(
+        "m.yaml",
+        &docs(&[
+            node("n1", Some("web")),
+            svc("shop", "web").tcp(30080).ranges("10.0.0.0/8").to_yaml(),
+        ]),
+    );
+    let c = dir.write("c.yaml", "clusterName: e2e\n");
+    Cli::new()
+        .plan(&["-f", &s(&m), "--config", &s(&c), "--strict"])
+        .expect_exit(2);
+}
+
+#[test]
+fn services_without_nodes_warn_and_fail_under_strict() {
+    let dir = Scratch::new();
+    let m = dir.write(
+        "m.yaml",
+        &svc("shop", "web").tcp(30080).ranges("10.0.0.0/8").to_yaml(),
+    );
+    let c = dir.write("c.yaml", "clusterName: e2e\n");
+    let args = ["-f", &s(&m), "--config", &s(&c)];
+    Cli::new()
+        .plan(&args)
+        .expect_exit(0)
+        .stdout_has(&["the input has 1 Service(s) but no Nodes"]);
+    Cli::new()
+        .plan(&[&args[..], &["--strict"]].concat())
+        .expect_exit(1);
+    let json = Cli::new()
+        .plan(&[&args[..], &["-o", "json"]].concat())
+        .expect_exit(0)
+        .json();
+    assert!(kinds(&json).contains(&"noNodes".to_string()), "{json}");
+    // An empty directory: nothing was checked, and the plan says so.
+    let empty = dir.path("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    Cli::new()
+        .plan(&["-f", &s(&empty), "--config", &s(&c)])
+        .expect_exit(0)
+        .stdout_has(&["the input has no Services and no Nodes: nothing was checked"]);
+    Cli::new()
+        .plan(&["-f", &s(&empty), "--config", &s(&c), "--strict"])
+        .expect_exit(1);
+}
+
+#[test]
+fn inputs_are_read_the_way_kubectl_reads_them() {
+    let dir = Scratch::new();
+    let nodes = dir.write("nodes.yaml", &node("n1", Some("web")));
+    let web = svc("shop", "web").tcp(30080).ranges("10.0.0.0/8").to_yaml();
+    let services = dir.write("services.yaml", &web);
+    let c = s(&dir.write("c.yaml", "clusterName: e2e\n"));
+
+    // -f a,b and -f - (standard input).
+    let list = format!("{},{}", s(&nodes), s(&services));
+    Cli::new()
+        .plan(&["-f", &list, "--config", &c])
+        .expect_exit(2)
+        .stdout_has(&["[shop/web]"]);
+    Cli::new()
+        .stdin(&web)
+        .plan(&["-f", &s(&nodes), "-f", "-", "--config", &c])
+        .expect_exit(2)
+        .stdout_has(&["[shop/web]"]);
+
+    // A directory with a dot-directory, a Helm values file and the same Service twice.
+    let tree = dir.path("tree");
+    std::fs::create_dir_all(tree.join(".git")).unwrap();
+    std::fs::create_dir_all(tree.join("chart")).unwrap();
+    std::fs::write(tree.join(".git/config.yaml"), "kind: [\n").unwrap();
+    std::fs::write(tree.join("chart/values.yaml"), "replicaCount: 2\n").unwrap();
+    std::fs::write(tree.join("a.yaml"), &web).unwrap();
+    std::fs::write(tree.join("b.yaml"), &web).unwrap();
+    let run = Cli::new()
+        .plan(&["-f", &s(&nodes), "-f", &s(&tree), "--config", &c])
+        .expect_exit(2)
+        .stdout_has(&[
+            "chart/values.yaml (document 1): skipped: no kind: not a Kubernetes object",
+            "Plan: 1 to add",
+        ]);
+    assert!(
+        !run.stdout.contains("also claimed"),
+        "the same Service twice is one Service: {}",
+        run.stdout
+    );
+
+    // The same object with different content: which one is meant?
+    let other = svc("shop", "web")
+        .tcp(30080)
+        .ranges("192.168.0.0/16")
+        .to_yaml();
+    std::fs::write(tree.join("b.yaml"), other).unwrap();
+    Cli::new()
+        .plan(&["-f", &s(&nodes), "-f", &s(&tree), "--config", &c])
+        .expect_exit(1)
+        .stderr_has(&[
+            "Service shop/web is given twice with different content",
+            "a.yaml (document 1)",
+        ]);
+}
+
+#[test]
+fn typos_and_unquoted_booleans_are_named() {
+    let dir = Scratch::new();
+    let nodes = node("n1", Some("web"));
+    let c = s(&dir.write("c.yaml", "clusterName: e2e\n"));
+    // A typo on a Service that is not opted in: an error, with a did-you-mean.
+    let typo = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\n  annotations:\n    nodeport-firewall.io/Enabled: \"true\"\nspec:\n  type: NodePort\n  ports: [{port: 80, nodePort: 30080}]\n";
+    let m = dir.write("typo.yaml", &docs(&[nodes.clone(), typo.to_string()]));
+    Cli::new()
+        .plan(&["-f", &s(&m), "--config", &c])
+        .expect_exit(0)
+        .stdout_has(&[
+            "shop/web: unknown annotation nodeport-firewall.io/Enabled; did you mean nodeport-firewall.io/enabled?",
+        ]);
+    // enabled: true without quotes.
+    let unquoted = typo.replace(
+        "nodeport-firewall.io/Enabled: \"true\"",
+        "nodeport-firewall.io/enabled: true",
+    );
+    let m = dir.write("unquoted.yaml", &docs(&[nodes.clone(), unquoted]));
+    Cli::new()
+        .plan(&["-f", &s(&m), "--config", &c])
+        .expect_exit(1)
+        .stderr_has(&[
+            "Service shop/web: annotation nodeport-firewall.io/enabled: true is not a string; quote it (nodeport-firewall.io/enabled: \"true\")",
+        ]);
+    // A pool name in the wrong case, and a nodePort outside the node-port range.
+    let m = dir.write(
+        "pools.yaml",
+        &docs(&[
+            nodes,
+            svc("shop", "web")
+                .tcp(8080)
+                .ranges("10.0.0.0/8")
+                .ann("node-pools", "Web")
+                .to_yaml(),
+        ]),
+    );
+    Cli::new()
+        .plan(&["-f", &s(&m), "--config", &c])
+        .expect_exit(0)
+        .stdout_has(&[
+            "pool Web has no nodes and is not in the config; did you mean web?",
+            "nodePort 8080 is outside the cluster's node-port range 30000-32767",
+        ]);
+    // A config key in the wrong case, and every config problem at once.
+    let bad = s(&dir.write(
+        "bad.yaml",
+        "clusterName: 'has space'\nmanageallNodePortServices: true\npoolLabels: []\n",
+    ));
+    Cli::new()
+        .plan(&["-f", &s(&m), "--config", &bad])
+        .expect_exit(1)
+        .stderr_has(&[
+            "unknown keys: manageallNodePortServices (did you mean manageAllNodePortServices?)",
+            "clusterName \"has space\" must be",
+            "poolLabels must name at least one label",
+        ]);
+}
+
+#[test]
+fn apply_and_check_print_one_json_document() {
+    let dir = Scratch::new();
+    let state = s(&dir.path("state.json"));
+    let run = Cli::new()
+        .apply(&demo(&["--yes", "--state", &state, "-o", "json"]))
+        .expect_exit(0);
+    let doc: Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("one JSON document: {e}\n{}", run.stdout));
+    assert_eq!(doc["plan"]["summary"]["add"], 11);
+    let applied = doc["applied"].as_array().unwrap();
+    assert_eq!(applied.len(), 3, "{doc}");
+    let added: u64 = applied
+        .iter()
+        .map(|a| a["result"]["report"]["added"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(added, 11);
+    // Nothing to apply: still one document.
+    let run = Cli::new()
+        .apply(&demo(&["--yes", "--state", &state, "-o", "json"]))
+        .expect_exit(0);
+    let doc: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(doc["applied"], serde_json::json!([]));
+
+    let ex = examples();
+    let run = Cli::new()
+        .run(
+            "check",
+            &[
+                "-f",
+                &s(&ex.join("cluster")),
+                "--config",
+                &s(&ex.join("config.yaml")),
+                "-o",
+                "json",
+            ],
+        )
+        .expect_exit(0);
+    let doc: Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("check -o json: {e}\n{}", run.stdout));
+    assert_eq!(doc["ok"], true);
+    assert!(!doc["checks"].as_array().unwrap().is_empty());
+}
