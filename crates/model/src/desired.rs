@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::annotations::{Admission, RangeCache, ServiceIntent, admit_cached};
 use crate::config::{Config, PortMerge};
@@ -56,7 +56,7 @@ pub struct PoolState {
 }
 
 /// What happened to one Service, for the plan output, Events and conditions.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceReport {
     pub service: ServiceRef,
@@ -68,17 +68,17 @@ pub struct ServiceReport {
     /// The namespace policy that admitted it (managed), or what refused it (closed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
     /// The managed pools this Service's ports are opened on (shared: most Services ask for
     /// all pools).
-    #[serde(skip_serializing_if = "<[PoolName]>::is_empty")]
+    #[serde(default, skip_serializing_if = "<[PoolName]>::is_empty")]
     pub pools: Arc<[PoolName]>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ServiceStatus {
     Managed,

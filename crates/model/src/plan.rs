@@ -266,7 +266,7 @@ pub struct Summary {
 }
 
 /// The whole plan: what would change on every target, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Plan {
     pub format_version: u32,
@@ -276,7 +276,7 @@ pub struct Plan {
     pub pools: Vec<PoolReport>,
     pub services: Arc<Vec<ServiceReport>>,
     /// Every namespace policy and how it fared.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<crate::policy::PolicyReport>,
     pub unpooled_nodes: Vec<String>,
     /// Every warning, with a stable kind (what `plan --strict` fails on).

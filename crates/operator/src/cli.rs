@@ -48,7 +48,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Show what would change, like `terraform plan`. Exit 0: no changes, 2: changes pending, 1: error.
-    Plan(PlanArgs),
+    Plan(PlanCommand),
     /// Plan, confirm, and apply once (outside the cluster, or in CI).
     Apply(ApplyArgs),
     /// Permission preflight: which cloud permissions the credentials lack on each target,
@@ -72,7 +72,7 @@ pub enum OutputFormat {
 pub struct InputArgs {
     /// Manifests (Nodes, Services, Namespaces, NodePortFirewallPolicies): YAML/JSON files or
     /// directories, `-` for standard input. Repeatable, or comma-separated.
-    #[arg(short = 'f', long = "filename", required = true, value_delimiter = ',')]
+    #[arg(short = 'f', long = "filename", value_delimiter = ',')]
     pub filenames: Vec<PathBuf>,
     /// The operator config file (YAML).
     #[arg(long, env = "NPF_CONFIG")]
@@ -114,12 +114,26 @@ pub struct PlanArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct PlanCommand {
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// Also write the plan, with a fingerprint of the config and of every observation it was
+    /// made from, to FILE: `apply FILE` applies exactly it.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct ApplyArgs {
     #[command(flatten)]
     pub plan: PlanArgs,
     /// Apply without asking.
     #[arg(long, short = 'y')]
     pub yes: bool,
+    /// A plan saved by `plan --out FILE`: applied exactly as it was reviewed, without
+    /// planning again, and refused if the config or a target changed since. No `-f` then.
+    #[arg(value_name = "SAVED_PLAN")]
+    pub saved: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -217,23 +231,47 @@ pub async fn run(cli: Cli) -> Result<u8> {
 
 struct Prepared {
     config: Config,
+    /// The config file's bytes, for a saved plan's fingerprint.
+    config_bytes: Vec<u8>,
     backend: providers::Backend,
     plan: nodeport_firewall_model::Plan,
+    /// What the plan was made from, target by target.
+    observed: engine::Observed,
     style: Style,
+}
+
+fn style(no_color: bool) -> Style {
+    Style {
+        color: !no_color
+            && std::env::var_os("NO_COLOR").is_none()
+            && std::io::stdout().is_terminal(),
+    }
 }
 
 /// Reads and validates the operator config file.
 fn load_config(path: &std::path::Path) -> Result<Config> {
+    load_config_bytes(path).map(|(c, _)| c)
+}
+
+/// The config, and the bytes it was read from.
+fn load_config_bytes(path: &std::path::Path) -> Result<(Config, Vec<u8>)> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Io(format!("cannot read config {}: {e}", path.display())))?;
-    Config::from_yaml(&text).map_err(|source| Error::Config {
+    let config = Config::from_yaml(&text).map_err(|source| Error::Config {
         path: path.display().to_string(),
         source,
-    })
+    })?;
+    Ok((config, text.into_bytes()))
 }
 
 async fn prepare(args: &InputArgs, no_color: bool) -> Result<Prepared> {
-    let config = load_config(&args.config)?;
+    if args.filenames.is_empty() {
+        return Err(Error::Usage(
+            "-f is required: the manifests to plan (files, directories, or - for standard input)"
+                .into(),
+        ));
+    }
+    let (config, config_bytes) = load_config_bytes(&args.config)?;
     let manifests = crate::manifests::load(&args.filenames)?;
     let mut services = Vec::with_capacity(manifests.services.len());
     for s in &manifests.services {
@@ -264,7 +302,8 @@ async fn prepare(args: &InputArgs, no_color: bool) -> Result<Prepared> {
     let tenancy = Tenancy::new(&policies, &namespaces);
     let backend = providers::build(args.provider, &config, args.state.as_deref()).await?;
     let d = desired_with(&config, &services, &nodes, &tenancy);
-    let mut plan = engine::plan(backend.provider(), &config, &d).await;
+    let mut observed = engine::Observed::default();
+    let mut plan = engine::plan_with_cache(backend.provider(), &config, &d, &mut observed).await;
     plan.warnings
         .extend(manifests.skipped.iter().map(|(place, why)| {
             Warning::new(
@@ -273,13 +312,90 @@ async fn prepare(args: &InputArgs, no_color: bool) -> Result<Prepared> {
                 format!("{place}: skipped: {why}"),
             )
         }));
-    let color =
-        !no_color && std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal();
     Ok(Prepared {
         config,
+        config_bytes,
         backend,
         plan,
-        style: Style { color },
+        observed,
+        style: style(no_color),
+    })
+}
+
+/// `plan --out FILE`: the plan and what it was made from.
+fn save_plan(p: &Prepared, path: &std::path::Path) -> Result<()> {
+    let observations = p
+        .plan
+        .targets
+        .iter()
+        .filter_map(|t| {
+            p.observed
+                .get(&t.target)
+                .map(|o| (t.target.to_string(), crate::saved::fingerprint(o)))
+        })
+        .collect();
+    let saved = crate::saved::SavedPlan::new(&p.config_bytes, observations, p.plan.clone());
+    let text = serde_json::to_string_pretty(&saved).map_err(|e| Error::Io(e.to_string()))?;
+    std::fs::write(path, text + "\n")
+        .map_err(|e| Error::Io(format!("cannot write {}: {e}", path.display())))
+}
+
+/// `apply FILE`: the saved plan, once the config and every target it writes to are as they
+/// were when it was made.
+async fn prepare_saved(args: &ApplyArgs, file: &std::path::Path) -> Result<Prepared> {
+    if !args.plan.input.filenames.is_empty() {
+        return Err(Error::Usage(
+            "apply SAVED_PLAN takes no -f: the saved plan is applied as it was reviewed".into(),
+        ));
+    }
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| Error::Io(format!("cannot read {}: {e}", file.display())))?;
+    let saved = crate::saved::SavedPlan::parse(&text)
+        .map_err(|e| Error::Io(format!("{}: {e}", file.display())))?;
+    let (config, config_bytes) = load_config_bytes(&args.plan.input.config)?;
+    if crate::saved::digest(&config_bytes) != saved.config {
+        return Err(Error::Io(format!(
+            "{}: the config {} changed since this plan was made; nothing was written: plan again",
+            file.display(),
+            args.plan.input.config.display()
+        )));
+    }
+    let input = &args.plan.input;
+    let backend = providers::build(input.provider, &config, input.state.as_deref()).await?;
+    if backend.provider().name() != saved.plan.provider {
+        return Err(Error::Usage(format!(
+            "{}: the plan is for provider {}, not {}",
+            file.display(),
+            saved.plan.provider,
+            backend.provider().name()
+        )));
+    }
+    let mut changed = Vec::new();
+    for tp in saved.plan.targets.iter().filter(|t| t.has_writes()) {
+        let now = backend
+            .provider()
+            .observe(&tp.target)
+            .await
+            .map(|o| crate::saved::fingerprint(&o))
+            .ok();
+        if now.as_ref() != saved.observations.get(&tp.target.to_string()) {
+            changed.push(tp.target.to_string());
+        }
+    }
+    if !changed.is_empty() {
+        return Err(Error::Io(format!(
+            "{}: {} changed since this plan was made; nothing was written: plan again",
+            file.display(),
+            changed.join(", ")
+        )));
+    }
+    Ok(Prepared {
+        config,
+        config_bytes,
+        backend,
+        plan: saved.plan,
+        observed: engine::Observed::default(),
+        style: style(args.plan.no_color),
     })
 }
 
@@ -309,9 +425,13 @@ fn strict_refuses(args: &PlanArgs, plan: &nodeport_firewall_model::Plan) -> bool
     true
 }
 
-async fn plan(args: PlanArgs) -> Result<u8> {
+async fn plan(cmd: PlanCommand) -> Result<u8> {
+    let args = cmd.plan;
     let p = prepare(&args.input, args.no_color).await?;
     print_plan(&p, &args)?;
+    if let Some(out) = &cmd.out {
+        save_plan(&p, out)?;
+    }
     Ok(if p.plan.has_errors() || strict_refuses(&args, &p.plan) {
         EXIT_ERROR
     } else if p.plan.has_changes() {
@@ -322,7 +442,10 @@ async fn plan(args: PlanArgs) -> Result<u8> {
 }
 
 async fn apply(args: ApplyArgs) -> Result<u8> {
-    let p = prepare(&args.plan.input, args.plan.no_color).await?;
+    let p = match &args.saved {
+        Some(file) => prepare_saved(&args, file).await?,
+        None => prepare(&args.plan.input, args.plan.no_color).await?,
+    };
     let json = args.plan.output == OutputFormat::Json;
     if !json {
         print_plan(&p, &args.plan)?;

@@ -7,6 +7,7 @@ pub mod manifests;
 pub mod output;
 pub mod policy;
 pub mod providers;
+pub mod saved;
 
 /// Errors the CLI reports before exiting with status 1.
 #[derive(Debug, thiserror::Error)]

@@ -45,6 +45,11 @@ impl Observed {
         self.targets.len()
     }
 
+    /// What was last seen on `target`.
+    pub fn get(&self, target: &Target) -> Option<&Observation> {
+        self.targets.get(target)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.targets.is_empty()
     }

@@ -305,3 +305,63 @@ fn apply_and_check_print_one_json_document() {
     assert_eq!(doc["ok"], true);
     assert!(!doc["checks"].as_array().unwrap().is_empty());
 }
+
+#[test]
+fn a_saved_plan_is_applied_exactly_and_refused_once_anything_changed() {
+    let dir = Scratch::new();
+    let state = s(&dir.path("state.json"));
+    let saved = s(&dir.path("p.json"));
+    let config = s(&examples().join("config.yaml"));
+    Cli::new()
+        .run("plan", &demo(&["--state", &state, "--out", &saved]))
+        .expect_exit(2);
+    let file: Value = serde_json::from_str(&dir.read("p.json").unwrap()).unwrap();
+    assert_eq!(file["kind"], "NodePortFirewallSavedPlan");
+    assert_eq!(file["version"], 1);
+    assert!(file["config"].as_str().unwrap().starts_with("sha256:"));
+    assert_eq!(file["observations"].as_object().unwrap().len(), 3);
+
+    // apply FILE takes no -f, and applies exactly the saved plan.
+    Cli::new()
+        .apply(&[
+            &saved, "--config", &config, "--state", &state, "--yes", "-f", "x.yaml",
+        ])
+        .expect_exit(1)
+        .stderr_has(&["apply SAVED_PLAN takes no -f"]);
+    Cli::new()
+        .apply(&[&saved, "--config", &config, "--state", &state, "--yes"])
+        .expect_exit(0)
+        .stdout_has(&["Apply complete: 11 added, 0 changed, 0 removed."]);
+    Cli::new().plan(&demo(&["--state", &state])).expect_exit(0);
+
+    // A plan made, then one rule changed behind it: the saved plan is refused, nothing is
+    // written.
+    let shop = crate::manifests::example_services()
+        .into_iter()
+        .filter(|d| !d.contains("\n  name: web\n"))
+        .collect::<Vec<_>>();
+    let services = dir.write("services.yaml", &docs(&shop));
+    let args = crate::demo_with_services(&services, &["--state", &state, "--out", &saved]);
+    Cli::new().run("plan", &args).expect_exit(2);
+    let before = std::fs::read_to_string(&state).unwrap();
+    let mut cloud: Value = serde_json::from_str(&before).unwrap();
+    cloud["targets"]["web"].as_array_mut().unwrap().pop();
+    let changed = cloud.to_string();
+    std::fs::write(&state, &changed).unwrap();
+    Cli::new()
+        .apply(&[&saved, "--config", &config, "--state", &state, "--yes"])
+        .expect_exit(1)
+        .stderr_has(&["memory:web changed since this plan was made; nothing was written"]);
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), changed);
+
+    // A config changed since: refused too.
+    std::fs::write(&state, &before).unwrap();
+    let other = dir.write(
+        "config.yaml",
+        &(std::fs::read_to_string(&config).unwrap() + "\n# edited\n"),
+    );
+    Cli::new()
+        .apply(&[&saved, "--config", &s(&other), "--state", &state, "--yes"])
+        .expect_exit(1)
+        .stderr_has(&["changed since this plan was made; nothing was written"]);
+}

@@ -22,12 +22,12 @@ use serde_json::Value;
 
 const ESC: &str = "\x1b[";
 
-fn s(p: &Path) -> String {
+pub(crate) fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
 /// `-f examples/cluster --config examples/config.yaml`, then `extra`.
-fn demo(extra: &[&str]) -> Vec<String> {
+pub(crate) fn demo(extra: &[&str]) -> Vec<String> {
     let ex = examples();
     let mut args = vec![
         "-f".to_string(),
@@ -40,7 +40,7 @@ fn demo(extra: &[&str]) -> Vec<String> {
 }
 
 /// The demo's nodes and config with `services` (YAML text) instead of the demo's Services.
-fn demo_with_services(services: &Path, extra: &[&str]) -> Vec<String> {
+pub(crate) fn demo_with_services(services: &Path, extra: &[&str]) -> Vec<String> {
     let ex = examples();
     let mut args = vec![
         "-f".to_string(),
