@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::config::Config;
+use crate::config::{Config, LoadBalancerSourceRanges};
 use crate::desired::PoolSelector;
 use crate::net::{ParsedRanges, SourceSet, parse_ranges};
 use crate::node::PoolName;
@@ -204,7 +204,15 @@ pub fn admit_cached(svc: &ServiceSpec, config: &Config, cache: &mut RangeCache) 
         }
     }
 
-    // From where.
+    // From where. A LoadBalancer Service's own spec.loadBalancerSourceRanges, unless the
+    // config says to ignore them.
+    let lb_ranges = match (svc.service_type.clone(), config.load_balancer_source_ranges) {
+        (_, LoadBalancerSourceRanges::Ignore) => None,
+        (ServiceType::LoadBalancer, _) if !svc.load_balancer_source_ranges.is_empty() => Some(
+            cached_ranges(cache, &svc.load_balancer_source_ranges.join(",")),
+        ),
+        _ => None,
+    };
     let sources = match get(ALLOWED_SOURCE_RANGES) {
         Some(value) => match cached_ranges(cache, value) {
             Ok(parsed) => {
@@ -219,6 +227,15 @@ pub fn admit_cached(svc: &ServiceSpec, config: &Config, cache: &mut RangeCache) 
                         "{ALLOWED_SOURCE_RANGES}: empty; list CIDRs such as 203.0.113.0/24, or remove it to use the default"
                     ));
                 }
+                if config.load_balancer_source_ranges == LoadBalancerSourceRanges::RequireMatch
+                    && let Some(Ok(lb)) = &lb_ranges
+                    && lb.set != parsed.set
+                {
+                    errors.push(format!(
+                        "{ALLOWED_SOURCE_RANGES}: {} differs from spec.loadBalancerSourceRanges {} (loadBalancerSourceRanges: requireMatch in the config): make them the same, or remove the annotation",
+                        parsed.set, lb.set
+                    ));
+                }
                 // What the sources may be is the policy's to judge (crate::policy): a
                 // refusal closes the Service, while a parse error here keeps its rules.
                 parsed.set
@@ -230,6 +247,17 @@ pub fn admit_cached(svc: &ServiceSpec, config: &Config, cache: &mut RangeCache) 
                 );
                 SourceSet::default()
             }
+        },
+        None if lb_ranges.is_some() => match lb_ranges {
+            Some(Ok(parsed)) => parsed.set,
+            Some(Err(bad)) => {
+                errors.extend(
+                    bad.into_iter()
+                        .map(|e| format!("spec.loadBalancerSourceRanges: {e}")),
+                );
+                SourceSet::default()
+            }
+            None => SourceSet::default(),
         },
         None => {
             if config.default_sources.is_empty() {
@@ -476,6 +504,62 @@ mod tests {
             .with_type(ServiceType::Other("ClusterIP".into()))
             .with_annotation("nodeport-firewall.io/enable", "true");
         assert!(matches!(admit(&cip, &cfg()), Admission::Unmanaged { .. }));
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_by_config() {
+        let mut lb = ServiceSpec::nodeport("d", "lb")
+            .with_type(ServiceType::LoadBalancer)
+            .with_port("", "TCP", 80, 30080)
+            .enabled();
+        lb.load_balancer_source_ranges = vec!["10.0.0.0/8".into()];
+        let mut c = cfg();
+        c.default_sources = crate::net::parse_ranges("192.0.2.0/24").unwrap().set;
+        // (mode, annotation, sources or error)
+        let cases = [
+            (LoadBalancerSourceRanges::Default, None, Ok("10.0.0.0/8")),
+            (
+                LoadBalancerSourceRanges::Default,
+                Some("172.16.0.0/12"),
+                Ok("172.16.0.0/12"),
+            ),
+            (LoadBalancerSourceRanges::Ignore, None, Ok("192.0.2.0/24")),
+            (
+                LoadBalancerSourceRanges::RequireMatch,
+                None,
+                Ok("10.0.0.0/8"),
+            ),
+            (
+                LoadBalancerSourceRanges::RequireMatch,
+                Some("10.0.0.0/8"),
+                Ok("10.0.0.0/8"),
+            ),
+            (
+                LoadBalancerSourceRanges::RequireMatch,
+                Some("172.16.0.0/12"),
+                Err("differs from spec.loadBalancerSourceRanges 10.0.0.0/8"),
+            ),
+        ];
+        for (mode, annotation, want) in cases {
+            c.load_balancer_source_ranges = mode;
+            let svc = match annotation {
+                Some(a) => lb.clone().with_ranges(a),
+                None => lb.clone(),
+            };
+            match (admit(&svc, &c), want) {
+                (Admission::Managed(i), Ok(s)) => assert_eq!(i.sources.to_string(), s, "{mode:?}"),
+                (Admission::Invalid { errors, .. }, Err(e)) => {
+                    assert!(errors[0].contains(e), "{mode:?}: {errors:?}")
+                }
+                (other, want) => panic!("{mode:?} {annotation:?}: {other:?}, want {want:?}"),
+            }
+        }
+        lb.load_balancer_source_ranges = vec!["nope".into()];
+        let errs = errors(admit(&lb, &cfg()));
+        assert!(
+            errs[0].starts_with("spec.loadBalancerSourceRanges: \"nope\""),
+            "{errs:?}"
+        );
     }
 
     #[test]

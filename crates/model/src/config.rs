@@ -94,6 +94,21 @@ impl MinPrefixLength {
     }
 }
 
+/// What `spec.loadBalancerSourceRanges` of a managed LoadBalancer Service means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancerSourceRanges {
+    /// Its allowlist when it has no `allowed-source-ranges` annotation (before
+    /// `defaultSourceRanges`): the node port opens to whom the load balancer admits.
+    #[default]
+    Default,
+    /// As `default`, and an annotation that lists other ranges is an error: the two must
+    /// say the same.
+    RequireMatch,
+    /// Not read.
+    Ignore,
+}
+
 /// Per-pool overrides. Provider sections are opaque here and validated by that provider.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
@@ -135,6 +150,10 @@ struct RawConfig {
     pools: BTreeMap<String, PoolConfig>,
     manage_unlisted_pools: Option<bool>,
     node_port_range: Option<String>,
+    #[serde(default)]
+    load_balancer_source_ranges: LoadBalancerSourceRanges,
+    #[serde(default)]
+    health_check_source_ranges: Vec<String>,
     aws: Option<serde_json::Value>,
     gcp: Option<serde_json::Value>,
     azure: Option<serde_json::Value>,
@@ -159,6 +178,11 @@ pub struct Config {
     /// The cluster's node-port range (the API server's `--service-node-port-range`): a
     /// nodePort outside it gets a warning.
     pub node_port_range: PortRange,
+    pub load_balancer_source_ranges: LoadBalancerSourceRanges,
+    /// Where the cloud load balancer's health checks come from. Set: the `healthCheckNodePort`
+    /// of every managed LoadBalancer Service with `externalTrafficPolicy: Local` is opened
+    /// to these. Empty (default): it is not opened.
+    pub health_check_sources: SourceSet,
     /// Provider sections, opaque here: each provider validates its own.
     pub providers: BTreeMap<String, serde_json::Value>,
 }
@@ -175,6 +199,8 @@ impl Config {
             pools: BTreeMap::new(),
             manage_unlisted_pools: true,
             node_port_range: DEFAULT_NODE_PORT_RANGE,
+            load_balancer_source_ranges: LoadBalancerSourceRanges::Default,
+            health_check_sources: SourceSet::default(),
             providers: BTreeMap::new(),
         }
     }
@@ -243,6 +269,19 @@ impl Config {
                 DEFAULT_NODE_PORT_RANGE
             }
         };
+        let mut health_check_sources = SourceSet::default();
+        match parse_ranges(&raw.health_check_source_ranges.join(",")) {
+            Ok(parsed) => {
+                if !parsed.set.world_open().is_empty() {
+                    problems.push(
+                        "healthCheckSourceRanges: covers the whole Internet; list the load balancer's health-check ranges (docs/configuration.md)"
+                            .to_string(),
+                    );
+                }
+                health_check_sources = parsed.set;
+            }
+            Err(errors) => problems.push(format!("healthCheckSourceRanges: {}", errors.join("; "))),
+        }
         if raw.policy.max_ranges_per_service == 0 {
             problems.push("policy.maxRangesPerService must be at least 1".to_string());
         }
@@ -278,6 +317,8 @@ impl Config {
                 .collect(),
             manage_unlisted_pools: raw.manage_unlisted_pools.unwrap_or(true),
             node_port_range,
+            load_balancer_source_ranges: raw.load_balancer_source_ranges,
+            health_check_sources,
             providers,
         })
     }
@@ -308,6 +349,8 @@ fn known_keys(section: &[&str]) -> &'static [&'static str] {
             "pools",
             "manageUnlistedPools",
             "nodePortRange",
+            "loadBalancerSourceRanges",
+            "healthCheckSourceRanges",
             "aws",
             "gcp",
             "azure",

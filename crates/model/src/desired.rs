@@ -217,6 +217,23 @@ pub fn desired_with(
                 match &verdict {
                     Verdict::Admitted { policy } => {
                         report.policy = policy.clone();
+                        // The load balancer's health checks probe healthCheckNodePort
+                        // (externalTrafficPolicy: Local): open it to where they come from.
+                        if let Some(hc) = svc
+                            .health_check_node_port
+                            .and_then(|p| u16::try_from(p).ok())
+                            && hc > 0
+                            && !config.health_check_sources.is_empty()
+                        {
+                            let probe = ServiceIntent {
+                                service: intent.service.clone(),
+                                ports: vec![(Protocol::Tcp, hc)],
+                                sources: config.health_check_sources.clone(),
+                                pools: intent.pools.clone(),
+                                warnings: Vec::new(),
+                            };
+                            intents.push((probe, reports.len()));
+                        }
                         intents.push((intent, reports.len()));
                     }
                     Verdict::Unknown { reason } => {
@@ -503,6 +520,30 @@ mod tests {
             "{w:?}"
         );
         assert!(w.iter().any(|w| w.contains("no managed pool")), "{w:?}");
+    }
+
+    #[test]
+    fn the_health_check_node_port_opens_to_the_configured_sources() {
+        let mut lb =
+            svc("lb", 30080, "10.0.0.0/8").with_type(crate::service::ServiceType::LoadBalancer);
+        lb.health_check_node_port = Some(31999);
+        let mut config = Config::new("c");
+        let d = desired(&config, std::slice::from_ref(&lb), &nodes());
+        assert_eq!(
+            ports_of(&d.pools[&PoolName::new("a")]),
+            vec![(30080, "10.0.0.0/8".into())]
+        );
+        config.health_check_sources = crate::net::parse_ranges("35.191.0.0/16 130.211.0.0/22")
+            .unwrap()
+            .set;
+        let d = desired(&config, &[lb], &nodes());
+        assert_eq!(
+            ports_of(&d.pools[&PoolName::new("a")]),
+            vec![
+                (30080, "10.0.0.0/8".into()),
+                (31999, "35.191.0.0/16,130.211.0.0/22".into())
+            ]
+        );
     }
 
     #[test]

@@ -27,7 +27,9 @@ pub mod set;
 pub mod warnings;
 
 pub use annotations::{ANNOTATION_PREFIX, Admission, ServiceIntent};
-pub use config::{Config, MinPrefixLength, Policy, PoolConfig, PortMerge};
+pub use config::{
+    Config, LoadBalancerSourceRanges, MinPrefixLength, Policy, PoolConfig, PortMerge,
+};
 pub use desired::{
     Desired, Grant, PoolSelector, PoolState, PortGrant, ServiceReport, desired, desired_with,
 };

@@ -149,6 +149,13 @@ pub struct ServiceSpec {
     pub ports: Vec<ServicePort>,
     /// Only the annotations under [`ANNOTATION_PREFIX`]; others are dropped to save memory.
     pub annotations: BTreeMap<String, String>,
+    /// `spec.loadBalancerSourceRanges`, as written (LoadBalancer Services).
+    #[serde(default)]
+    pub load_balancer_source_ranges: Vec<String>,
+    /// `spec.healthCheckNodePort` of a LoadBalancer Service with `externalTrafficPolicy:
+    /// Local`: the node port the cloud load balancer's health checks probe.
+    #[serde(default)]
+    pub health_check_node_port: Option<i32>,
 }
 
 impl ServiceSpec {
@@ -159,6 +166,8 @@ impl ServiceSpec {
             service_type: ServiceType::NodePort,
             ports: Vec::new(),
             annotations: BTreeMap::new(),
+            load_balancer_source_ranges: Vec::new(),
+            health_check_node_port: None,
         }
     }
 
@@ -239,11 +248,23 @@ impl ServiceSpec {
                     .collect()
             })
             .unwrap_or_default();
+        let load_balancer_source_ranges = spec
+            .and_then(|s| s.load_balancer_source_ranges.clone())
+            .unwrap_or_default();
+        let local = spec
+            .and_then(|s| s.external_traffic_policy.as_deref())
+            .is_some_and(|p| p == "Local");
+        let health_check_node_port = match service_type {
+            ServiceType::LoadBalancer if local => spec.and_then(|s| s.health_check_node_port),
+            _ => None,
+        };
         Ok(ServiceSpec {
             service: ServiceRef::new(namespace, name),
             service_type,
             ports,
             annotations,
+            load_balancer_source_ranges,
+            health_check_node_port,
         })
     }
 }

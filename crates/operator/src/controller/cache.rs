@@ -75,6 +75,9 @@ pub fn strip_service(svc: &mut Service) {
     if let Some(spec) = svc.spec.as_mut() {
         let kept = k8s_openapi::api::core::v1::ServiceSpec {
             type_: spec.type_.take(),
+            load_balancer_source_ranges: spec.load_balancer_source_ranges.take(),
+            external_traffic_policy: spec.external_traffic_policy.take(),
+            health_check_node_port: spec.health_check_node_port.take(),
             ports: spec.ports.take().map(|ports| {
                 ports
                     .into_iter()
