@@ -13,6 +13,50 @@ pub fn instance_id(provider_id: &str) -> Option<&str> {
         .then_some(id)
 }
 
+/// The availability zone in a Node's `providerID`, `aws:///<zone>/<instance-id>`.
+pub fn zone(provider_id: &str) -> Option<&str> {
+    let rest = provider_id.strip_prefix("aws:///")?;
+    let (zone, _) = rest.split_once('/')?;
+    (!zone.is_empty()).then_some(zone)
+}
+
+/// The region of an availability zone: `eu-west-1a` -> `eu-west-1`, and local or
+/// wavelength zones like `us-west-2-lax-1a` -> `us-west-2`.
+pub fn region_of_zone(zone: &str) -> Option<String> {
+    let parts: Vec<&str> = zone.split('-').collect();
+    // <area>-<direction>-<number><letter>...: the region ends with the first numbered part.
+    let i = parts
+        .iter()
+        .position(|p| p.starts_with(|c: char| c.is_ascii_digit()))?;
+    let number: String = parts[i].chars().take_while(char::is_ascii_digit).collect();
+    let mut region: Vec<&str> = parts[..i].to_vec();
+    region.push(&number);
+    (region.len() >= 3).then(|| region.join("-"))
+}
+
+/// When the pool's nodes are in another region than the one the operator uses, what to set.
+pub fn region_hint(nodes: &[NodeSpec], region: Option<&str>) -> Option<String> {
+    let regions: BTreeSet<String> = nodes
+        .iter()
+        .filter_map(|n| n.provider_id.as_deref().and_then(zone))
+        .filter_map(region_of_zone)
+        .collect();
+    let other: Vec<&String> = regions
+        .iter()
+        .filter(|r| Some(r.as_str()) != region)
+        .collect();
+    let first = other.first()?;
+    Some(format!(
+        "; the nodes' providerIDs are in region {}, but the operator uses {}: set aws.region: {first} in the operator config (or AWS_REGION)",
+        other
+            .iter()
+            .map(|r| r.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        region.unwrap_or("no region")
+    ))
+}
+
 /// What EC2 says about one node's instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeGroups {
@@ -209,6 +253,25 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn zones_and_regions() {
+        for (zone, region) in [
+            ("eu-west-1a", Some("eu-west-1")),
+            ("us-east-1f", Some("us-east-1")),
+            ("us-west-2-lax-1a", Some("us-west-2")),
+            ("ap-southeast-2b", Some("ap-southeast-2")),
+            ("weird", None),
+        ] {
+            assert_eq!(region_of_zone(zone).as_deref(), region, "{zone}");
+        }
+        assert_eq!(zone("aws:///eu-west-1a/i-0abc"), Some("eu-west-1a"));
+        let mut n = NodeSpec::new("n");
+        n.provider_id = Some("aws:///eu-west-1a/i-0abc".into());
+        let hint = region_hint(std::slice::from_ref(&n), Some("us-east-1")).unwrap();
+        assert!(hint.contains("set aws.region: eu-west-1"), "{hint}");
+        assert_eq!(region_hint(&[n], Some("eu-west-1")), None);
     }
 
     #[test]

@@ -43,6 +43,15 @@ where
     let status = err.raw_response().map(|r| r.status().as_u16());
     let code = err.code().map(str::to_string);
     let message = err.message().map(str::to_string);
+    if matches!(
+        err,
+        SdkError::ConstructionFailure(_) | SdkError::DispatchFailure(_)
+    ) && is_missing_credentials(&nodeport_firewall_provider::error::chain(&err))
+    {
+        // One line that says what was tried and how to fix it, and no retries: waiting does
+        // not make credentials appear.
+        return Error::new(ErrorKind::PermissionDenied, no_credentials(op));
+    }
     match &err {
         SdkError::TimeoutError(_) => {
             Error::new(ErrorKind::Transient, format!("EC2 {op}: timed out"))
@@ -97,9 +106,49 @@ where
     }
 }
 
+/// Whether an SDK error chain says the credential chain found nothing.
+pub fn is_missing_credentials(chain: &str) -> bool {
+    let c = chain.to_ascii_lowercase();
+    c.contains("credential")
+        && (c.contains("no credentials")
+            || c.contains("failed to load credentials")
+            || c.contains("credentials provider")
+            || c.contains("could not load credentials")
+            || c.contains("provided credentials"))
+}
+
+/// The message for missing credentials: the chain the SDK tried, and the fixes.
+pub fn no_credentials(op: &str) -> String {
+    format!(
+        "EC2 {op}: no AWS credentials: the default chain (environment variables, AWS_PROFILE and the shared config files, a web identity token (IRSA), EKS Pod Identity, the ECS container endpoint, the instance metadata service) found none. Fix: in a cluster, give the operator's ServiceAccount an IAM role with IRSA or EKS Pod Identity (docs/install.md); elsewhere set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_credentials_are_recognised() {
+        for (chain, want) in [
+            (
+                "failed to construct request: no providers in chain provided credentials",
+                true,
+            ),
+            (
+                "an error occurred while loading credentials: the credential provider was not enabled: no credentials",
+                true,
+            ),
+            ("connection refused", false),
+            (
+                "InvalidClientTokenId: the security token included in the request is invalid",
+                false,
+            ),
+        ] {
+            assert_eq!(is_missing_credentials(chain), want, "{chain}");
+        }
+        assert!(no_credentials("DescribeSecurityGroups").contains("IRSA"));
+    }
 
     #[test]
     fn codes_map_to_kinds() {

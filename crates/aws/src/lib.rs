@@ -968,9 +968,11 @@ impl Provider for AwsProvider {
         if let Some(groups) = self.cached_resolution(&key) {
             return Ok(to_targets(&groups));
         }
+        let region = self.client.config().region().map(|r| r.to_string());
+        let hint = discovery::region_hint(pool.nodes, region.as_deref()).unwrap_or_default();
         let by_instance = self.instance_groups(&ids).await.map_err(|e| {
             let message = format!(
-                "pool {}: cannot read its instances: {}",
+                "pool {}: cannot read its instances: {}{hint}",
                 pool.name, e.message
             );
             e.into_discovery(message)
@@ -983,7 +985,7 @@ impl Provider for AwsProvider {
             return Err(Error::new(
                 ErrorKind::Discovery,
                 format!(
-                    "pool {}: instances not found in region: {}",
+                    "pool {}: instances not found in region: {}{hint}",
                     pool.name,
                     missing
                         .iter()

@@ -201,6 +201,12 @@ pub fn init_tracing(cli: &Cli) {
         Command::Run(_) => "info",
         _ => "warn",
     };
+    // The AWS SDK logs a warning, with debug structs, for every credential provider it tries
+    // in vain; our error says it in one line. Shown with an explicit --log-level.
+    let default = match default {
+        "warn" => "warn,aws_config=error,aws_runtime=error,aws_smithy_runtime=error",
+        other => other,
+    };
     let level = cli.log_level.as_deref().unwrap_or(default);
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));

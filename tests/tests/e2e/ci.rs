@@ -365,3 +365,39 @@ fn a_saved_plan_is_applied_exactly_and_refused_once_anything_changed() {
         .expect_exit(1)
         .stderr_has(&["changed since this plan was made; nothing was written"]);
 }
+
+#[test]
+fn missing_aws_credentials_are_one_line_that_says_how_to_fix_them() {
+    let dir = Scratch::new();
+    let home = dir.path("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let m = dir.write(
+        "m.yaml",
+        &docs(&[
+            node("n1", Some("web")),
+            svc("shop", "web").tcp(30080).ranges("10.0.0.0/8").to_yaml(),
+        ]),
+    );
+    // The endpoint is a closed loopback port: nothing may leave this machine.
+    let c = dir.write(
+        "c.yaml",
+        "clusterName: e2e\naws:\n  region: eu-west-1\n  endpointUrl: http://127.0.0.1:9\npools:\n  web:\n    aws: {securityGroupIds: [sg-0123456789abcdef0]}\n",
+    );
+    let run = Cli::new()
+        .env("HOME", &home)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_ACCESS_KEY_ID", "")
+        .env("AWS_SECRET_ACCESS_KEY", "")
+        .env("AWS_PROFILE", "")
+        .env("AWS_WEB_IDENTITY_TOKEN_FILE", "")
+        .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", "")
+        .env("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "")
+        .plan(&["-f", &s(&m), "--config", &s(&c), "--provider", "aws"])
+        .expect_exit(1)
+        .stdout_has(&["no AWS credentials", "IRSA or EKS Pod Identity"]);
+    assert!(
+        !run.stderr.contains("WARN"),
+        "no SDK warnings by default: {}",
+        run.stderr
+    );
+}
