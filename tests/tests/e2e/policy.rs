@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use crate::cli::{Cli, Scratch};
 use crate::manifests::{docs, node, svc};
-use crate::run::{Operator, eventually};
+use crate::run::{Operator, eventually, state_rules};
 use crate::{changes, s};
 use nodeport_firewall_e2e::kube_api::{self, ApiServer};
 
@@ -252,32 +252,8 @@ fn run_follows_policies_as_they_are_created_tightened_and_deleted() {
         "clusterName: e2e\npoolLabels: [pool]\npolicy:\n  requireNamespacePolicy: true\n",
     );
     let state = dir.path("state.json");
-    let op = Operator::start(
-        &api,
-        &dir,
-        "one",
-        &config,
-        &[
-            "--provider",
-            "memory",
-            "--state",
-            &state.display().to_string(),
-            "--debounce",
-            "100ms",
-        ],
-    );
-    let rules = || -> Vec<String> {
-        let text = std::fs::read_to_string(&state).unwrap_or_default();
-        let v: Value = serde_json::from_str(&text).unwrap_or_default();
-        let mut r: Vec<String> = v["targets"]["a"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|r| format!("{} {}", r["ports"], r["sources"]))
-            .collect();
-        r.sort();
-        r
-    };
+    let op = Operator::start_memory(&api, &dir, "one", &config, &state);
+    let rules = || state_rules(&state, "a");
     let violation = |name: &str, text: &str| {
         api.events().iter().any(|e| {
             e["regarding"]["name"] == name
@@ -355,27 +331,10 @@ fn run_closes_a_world_open_rule_when_the_floor_tightens() {
     );
     let dir = Scratch::new();
     let state = dir.path("state.json");
-    let rules = || -> usize {
-        let text = std::fs::read_to_string(&state).unwrap_or_default();
-        let v: Value = serde_json::from_str(&text).unwrap_or_default();
-        v["targets"]["a"].as_array().map_or(0, Vec::len)
-    };
+    let rules = || state_rules(&state, "a").len();
     let start = |name: &str, config: &str| {
         let config = dir.write(&format!("{name}.yaml"), config);
-        Operator::start(
-            &api,
-            &dir,
-            name,
-            &config,
-            &[
-                "--provider",
-                "memory",
-                "--state",
-                &state.display().to_string(),
-                "--debounce",
-                "100ms",
-            ],
-        )
+        Operator::start_memory(&api, &dir, name, &config, &state)
     };
     let op = start(
         "open",

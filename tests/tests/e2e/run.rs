@@ -504,6 +504,43 @@ fn run_with_two_replicas_only_the_lease_holder_writes() {
     assert!(two.stop().success());
 }
 
+impl Operator {
+    /// `run --provider memory --state <state> --debounce 100ms`.
+    pub(crate) fn start_memory(
+        api: &ApiServer,
+        dir: &Scratch,
+        name: &str,
+        config: &Path,
+        state: &Path,
+    ) -> Self {
+        let state = state.display().to_string();
+        let args = [
+            "--provider",
+            "memory",
+            "--state",
+            &state,
+            "--debounce",
+            "100ms",
+        ];
+        Operator::start(api, dir, name, config, &args)
+    }
+}
+
+/// The rules of the memory provider's `target` in its state file, as "ports sources",
+/// sorted (none while the file is not written yet).
+pub(crate) fn state_rules(state: &Path, target: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(state).unwrap_or_default();
+    let v: Value = serde_json::from_str(&text).unwrap_or_default();
+    let mut rules: Vec<String> = v["targets"][target]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| format!("{} {}", r["ports"], r["sources"]))
+        .collect();
+    rules.sort();
+    rules
+}
+
 #[test]
 fn run_with_the_memory_provider_saves_its_state_after_every_apply() {
     let api = ApiServer::spawn();
@@ -512,30 +549,8 @@ fn run_with_the_memory_provider_saves_its_state_after_every_apply() {
     let dir = Scratch::new();
     let config = dir.write("config.yaml", "clusterName: e2e\npoolLabels: [pool]\n");
     let state = dir.path("state.json");
-    let op = Operator::start(
-        &api,
-        &dir,
-        "one",
-        &config,
-        &[
-            "--provider",
-            "memory",
-            "--state",
-            &state.display().to_string(),
-            "--debounce",
-            "100ms",
-        ],
-    );
-    let rules = || -> Vec<String> {
-        let text = std::fs::read_to_string(&state).unwrap_or_default();
-        let v: Value = serde_json::from_str(&text).unwrap_or_default();
-        v["targets"]["a"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|r| format!("{} {}", r["ports"], r["sources"]))
-            .collect()
-    };
+    let op = Operator::start_memory(&api, &dir, "one", &config, &state);
+    let rules = || state_rules(&state, "a");
     // Saved while the operator runs, not only when it stops.
     eventually("the rule in the state file", 30, &op, || rules().len() == 1);
     api.put("Service", service("web", 30080, "10.1.0.0/16"), "DELETED");
