@@ -26,6 +26,19 @@ fn policy(name: &str, namespaces: &[&str], ranges: &[&str]) -> PolicySource {
     }
 }
 
+/// A policy that selects namespaces whose label `key` is `value`, allowing `range`.
+fn selecting(name: &str, key: &str, value: &str, range: &str) -> PolicySource {
+    PolicySource {
+        name: name.into(),
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some([(key.to_string(), value.to_string())].into()),
+            ..Default::default()
+        }),
+        allowed_source_ranges: vec![range.into()],
+        ..Default::default()
+    }
+}
+
 fn closed(v: Verdict) -> String {
     match v {
         Verdict::Closed { by, reasons } => format!("{by}: {}", reasons.join("; ")),
@@ -225,24 +238,8 @@ fn require_namespace_policy_closes_unselected_namespaces() {
 
 #[test]
 fn selectors_match_namespace_labels_and_names() {
-    let p = PolicySource {
-        name: "prod".into(),
-        namespace_selector: Some(LabelSelector {
-            match_labels: Some([("env".to_string(), "prod".to_string())].into()),
-            ..Default::default()
-        }),
-        allowed_source_ranges: vec!["10.0.0.0/8".into()],
-        ..Default::default()
-    };
-    let by_name = PolicySource {
-        name: "by-name".into(),
-        namespace_selector: Some(LabelSelector {
-            match_labels: Some([(NAMESPACE_NAME_LABEL.to_string(), "tools".to_string())].into()),
-            ..Default::default()
-        }),
-        allowed_source_ranges: vec!["192.168.0.0/16".into()],
-        ..Default::default()
-    };
+    let p = selecting("prod", "env", "prod", "10.0.0.0/8");
+    let by_name = selecting("by-name", NAMESPACE_NAME_LABEL, "tools", "192.168.0.0/16");
     let namespaces = [
         NamespaceSpec::new("shop").with_label("env", "prod"),
         NamespaceSpec::new("lab"),
@@ -382,15 +379,7 @@ fn reports_count_admitted_and_refused() {
 
 #[test]
 fn a_namespace_that_is_not_known_is_not_guessed_when_policies_select_by_label() {
-    let by_label = PolicySource {
-        name: "prod".into(),
-        namespace_selector: Some(LabelSelector {
-            match_labels: Some([("env".to_string(), "prod".to_string())].into()),
-            ..Default::default()
-        }),
-        allowed_source_ranges: vec!["10.0.0.0/8".into()],
-        ..Default::default()
-    };
+    let by_label = selecting("prod", "env", "prod", "10.0.0.0/8");
     let floor = Policy::default();
     let s = intent(&svc("shop", "10.1.0.0/16"));
     let t = Tenancy::new(
@@ -412,15 +401,7 @@ fn a_namespace_that_is_not_known_is_not_guessed_when_policies_select_by_label() 
     // Policies that only name namespaces, or select by the name label, need no labels.
     let t = Tenancy::new(&[policy("p", &["shop"], &["10.0.0.0/8"])], &[]);
     assert!(matches!(t.judge(&floor, &s), Verdict::Admitted { .. }));
-    let by_name_label = PolicySource {
-        name: "by-name".into(),
-        namespace_selector: Some(LabelSelector {
-            match_labels: Some([(NAMESPACE_NAME_LABEL.to_string(), "shop".to_string())].into()),
-            ..Default::default()
-        }),
-        allowed_source_ranges: vec!["10.0.0.0/8".into()],
-        ..Default::default()
-    };
+    let by_name_label = selecting("by-name", NAMESPACE_NAME_LABEL, "shop", "10.0.0.0/8");
     let t = Tenancy::new(std::slice::from_ref(&by_name_label), &[]);
     assert!(matches!(t.judge(&floor, &s), Verdict::Admitted { .. }));
     // With requireNamespacePolicy, an unknown namespace is simply not selected by labels:
@@ -429,15 +410,7 @@ fn a_namespace_that_is_not_known_is_not_guessed_when_policies_select_by_label() 
         require_namespace_policy: true,
         ..Policy::default()
     };
-    let by_label = PolicySource {
-        name: "prod".into(),
-        namespace_selector: Some(LabelSelector {
-            match_labels: Some([("env".to_string(), "prod".to_string())].into()),
-            ..Default::default()
-        }),
-        allowed_source_ranges: vec!["10.0.0.0/8".into()],
-        ..Default::default()
-    };
+    let by_label = selecting("prod", "env", "prod", "10.0.0.0/8");
     let t = Tenancy::new(&[by_label], &[]);
     let text = closed(t.judge(&strict, &s));
     assert!(text.contains("its Namespace object is not known"), "{text}");
