@@ -401,3 +401,37 @@ fn missing_aws_credentials_are_one_line_that_says_how_to_fix_them() {
         run.stderr
     );
 }
+
+#[test]
+fn load_balancer_services_use_their_source_ranges_and_open_the_health_check_port() {
+    let dir = Scratch::new();
+    let lb = "apiVersion: v1\nkind: Service\nmetadata:\n  name: shop\n  namespace: web\n  annotations: {nodeport-firewall.io/enabled: \"true\"}\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 31999\n  loadBalancerSourceRanges: [203.0.113.0/24]\n  ports: [{name: https, port: 443, nodePort: 30443}]\n";
+    let m = dir.write("m.yaml", &docs(&[node("n1", Some("web")), lb.to_string()]));
+    let plain = s(&dir.write("c.yaml", "clusterName: e2e\n"));
+    let run = Cli::new()
+        .plan(&["-f", &s(&m), "--config", &plain])
+        .expect_exit(2)
+        .stdout_has(&["+ tcp 30443 from 203.0.113.0/24  [web/shop]"]);
+    assert!(!run.stdout.contains("31999"), "{}", run.stdout);
+    let checks = s(&dir.write(
+        "checks.yaml",
+        "clusterName: e2e\nhealthCheckSourceRanges: [35.191.0.0/16, 130.211.0.0/22]\n",
+    ));
+    Cli::new()
+        .plan(&["-f", &s(&m), "--config", &checks])
+        .expect_exit(2)
+        .stdout_has(&["+ tcp 31999 from 35.191.0.0/16,130.211.0.0/22  [web/shop]"]);
+    let strict = s(&dir.write(
+        "strict.yaml",
+        "clusterName: e2e\nloadBalancerSourceRanges: requireMatch\n",
+    ));
+    let mismatched = lb.replace(
+        "annotations: {nodeport-firewall.io/enabled: \"true\"}",
+        "annotations: {nodeport-firewall.io/enabled: \"true\", nodeport-firewall.io/allowed-source-ranges: \"198.51.100.0/24\"}",
+    );
+    let m = dir.write("m2.yaml", &docs(&[node("n1", Some("web")), mismatched]));
+    Cli::new()
+        .plan(&["-f", &s(&m), "--config", &strict])
+        .expect_exit(0)
+        .stdout_has(&["differs from spec.loadBalancerSourceRanges 203.0.113.0/24"]);
+}
