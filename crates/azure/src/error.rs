@@ -119,7 +119,10 @@ pub fn map(op: &str, err: &azure_core::Error) -> Error {
         }
         azure_core::error::ErrorKind::Credential => Error::new(
             ErrorKind::PermissionDenied,
-            format!("ARM {op}: no token: {}", chain(err)),
+            format!(
+                "ARM {op}: no token: {}. Fix: on AKS, give the operator's ServiceAccount Azure Workload Identity (docs/azure.md); elsewhere run `az login`, or choose one with azure.credential in the config",
+                chain(err)
+            ),
         ),
         azure_core::error::ErrorKind::DataConversion => Error::new(
             ErrorKind::Invalid,

@@ -70,7 +70,7 @@ pub fn map_sdk_error(op: &str, err: &google_cloud_gax::error::Error) -> Error {
         return Error::new(
             ErrorKind::PermissionDenied,
             format!(
-                "Compute {op}: cannot get credentials (Application Default Credentials): {}",
+                "Compute {op}: cannot get credentials (Application Default Credentials: GOOGLE_APPLICATION_CREDENTIALS, gcloud's application-default login, the metadata server): {}. Fix: on GKE, bind the operator's ServiceAccount with Workload Identity (docs/gcp.md); elsewhere run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS",
                 nodeport_firewall_provider::error::chain(err)
             ),
         )
