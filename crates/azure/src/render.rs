@@ -2,7 +2,7 @@
 //! set and IP family, many port ranges and sources per rule), named with stable names, each
 //! rule's destination cut to its IP family.
 
-use nodeport_firewall_model::rule::{NameParts, RenderContext};
+use nodeport_firewall_model::render::{NameParts, RenderContext};
 use nodeport_firewall_model::{Grant, Protocol, Render, Rule, ShapeRenderer};
 
 use crate::marker::{self, Destination, MarkerBook};

@@ -4,7 +4,7 @@
 //! marker naming this cluster. Both are needed: a person may copy a description, and another
 //! cluster uses the same prefix.
 
-use nodeport_firewall_model::rule::NameParts;
+use nodeport_firewall_model::render::NameParts;
 use nodeport_firewall_model::{PoolName, PoolSet, ServiceRef, ServiceSet};
 use serde::{Deserialize, Serialize};
 

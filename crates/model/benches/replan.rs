@@ -8,7 +8,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use nodeport_firewall_model::plan::PoolResolution;
-use nodeport_firewall_model::rule::NameParts;
+use nodeport_firewall_model::render::NameParts;
 use nodeport_firewall_model::{
     Action, Config, Limits, NodeSpec, Observation, ObservedRule, PoolName, PoolTarget, ServiceSpec,
     ShapeRenderer, Target, desired, plan,

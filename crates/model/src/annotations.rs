@@ -4,13 +4,20 @@
 use std::collections::BTreeSet;
 
 use crate::config::{Config, LoadBalancerSourceRanges};
-use crate::desired::PoolSelector;
 use crate::net::{ParsedRanges, SourceSet, parse_ranges};
 use crate::node::PoolName;
 use crate::rule::Protocol;
 use crate::service::{ServiceRef, ServiceSpec, ServiceType};
 
-pub const ANNOTATION_PREFIX: &str = "nodeport-firewall.io/";
+/// The pools a Service asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PoolSelector {
+    /// Every managed pool (the default).
+    All,
+    Named(BTreeSet<PoolName>),
+}
+
+pub use crate::service::ANNOTATION_PREFIX;
 /// `true`/`false`: explicit opt-in or opt-out.
 pub const ENABLED: &str = "nodeport-firewall.io/enabled";
 /// IPv4/IPv6 CIDRs separated by commas and/or whitespace.
@@ -49,15 +56,7 @@ pub struct ServiceIntent {
     pub warnings: Vec<String>,
 }
 
-/// Whether `s` is a valid Kubernetes label value (pool names are label values).
-pub fn valid_pool_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && s.chars().last().is_some_and(|c| c.is_ascii_alphanumeric())
-}
+pub use crate::node::valid_pool_name;
 
 fn tokens(value: &str) -> impl Iterator<Item = &str> {
     value
@@ -334,30 +333,7 @@ fn cached_ranges(cache: &mut RangeCache, text: &str) -> Result<ParsedRanges, Vec
     parsed
 }
 
-/// A cheap typo check: same length give or take two, and most characters shared in order.
-pub fn similar(known: &str, given: &str) -> bool {
-    let a = known
-        .trim_start_matches(ANNOTATION_PREFIX)
-        .to_ascii_lowercase();
-    let b = given
-        .trim_start_matches(ANNOTATION_PREFIX)
-        .to_ascii_lowercase();
-    let (a, b) = (a.as_str(), b.as_str());
-    if a == b {
-        return true;
-    }
-    if a.len().abs_diff(b.len()) > 2 {
-        return false;
-    }
-    let common = a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count();
-    let common_tail = a
-        .chars()
-        .rev()
-        .zip(b.chars().rev())
-        .take_while(|(x, y)| x == y)
-        .count();
-    common + common_tail + 2 >= a.len().min(b.len())
-}
+pub use crate::suggest::similar;
 
 #[cfg(test)]
 mod tests {

@@ -6,7 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::net::{SourceSet, parse_ranges};
 use crate::node::PoolName;
-use crate::rule::PortRange;
+use ipnet::IpNet;
+
+use crate::net::IpFamily;
+use crate::rule::{PortRange, join};
 
 /// Kubernetes' default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORT_RANGE: PortRange = PortRange {
@@ -254,7 +257,7 @@ impl Config {
             Ok(parsed) => {
                 // The default allowlist is held to the floor like any Service's: a default
                 // the floor refuses would close every Service that uses it.
-                for v in crate::policy::floor_violations(&raw.policy, &parsed.set) {
+                for v in floor_violations(&raw.policy, &parsed.set) {
                     problems.push(format!("defaultSourceRanges: {v}"));
                 }
                 default_sources = parsed.set;
@@ -286,7 +289,7 @@ impl Config {
             problems.push("policy.maxRangesPerService must be at least 1".to_string());
         }
         for name in raw.pools.keys() {
-            if !crate::annotations::valid_pool_name(name) {
+            if !crate::node::valid_pool_name(name) {
                 problems.push(format!("pools: {name:?} is not a valid label value"));
             }
         }
@@ -377,7 +380,7 @@ fn with_hint(path: &str) -> String {
     };
     match known_keys(section)
         .iter()
-        .find(|k| crate::annotations::similar(k, last))
+        .find(|k| crate::suggest::similar(k, last))
     {
         Some(k) => format!("{path} (did you mean {k}?)"),
         None => path.to_string(),
@@ -389,6 +392,49 @@ fn valid_cluster_name(s: &str) -> bool {
         && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// What the floor refuses in a Service's sources. Empty: nothing.
+pub fn floor_violations(floor: &Policy, sources: &SourceSet) -> Vec<String> {
+    let mut out = Vec::new();
+    let world = sources.world_open();
+    if !world.is_empty() && !floor.allow_world_open {
+        for family in &world {
+            out.push(format!(
+                "{} covers all public {family} space: it opens the port to the whole Internet, which the operator policy refuses (policy.allowWorldOpen)",
+                join(sources.family(*family))
+            ));
+        }
+    }
+    // World-open families, where allowed, are not held to the minimum prefix: anything
+    // narrower than the whole Internet is less open.
+    let wide: Vec<IpNet> = sources
+        .wider_than(floor.min_prefix_length.ipv4, floor.min_prefix_length.ipv6)
+        .into_iter()
+        .filter(|n| !world.contains(&IpFamily::of(n)))
+        .collect();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let these: Vec<IpNet> = wide
+            .iter()
+            .filter(|n| IpFamily::of(n) == family)
+            .copied()
+            .collect();
+        if !these.is_empty() {
+            let min = floor.min_prefix_length.of(family);
+            out.push(format!(
+                "{} is wider than /{min}, the shortest {family} prefix the operator policy allows (policy.minPrefixLength.{family})",
+                join(&these)
+            ));
+        }
+    }
+    if sources.len() > floor.max_ranges_per_service {
+        out.push(format!(
+            "{} source ranges after merging, more than the operator policy allows ({}; policy.maxRangesPerService)",
+            sources.len(),
+            floor.max_ranges_per_service
+        ));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -15,13 +15,7 @@ use crate::policy::{PolicyReport, Tenancy, Verdict};
 use crate::rule::Protocol;
 use crate::service::{ServiceRef, ServiceSpec};
 
-/// The pools a Service asks for.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum PoolSelector {
-    /// Every managed pool (the default).
-    All,
-    Named(BTreeSet<PoolName>),
-}
+pub use crate::annotations::PoolSelector;
 
 /// One node port of one protocol, and the Service that asked for it from a source set. A
 /// port belongs to one Service: two claimants are a conflict and neither is planned.

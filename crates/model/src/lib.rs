@@ -21,9 +21,12 @@ pub mod node;
 mod parallel;
 pub mod plan;
 pub mod policy;
+pub mod render;
 pub mod rule;
 pub mod service;
 pub mod set;
+mod suggest;
+pub mod target;
 pub mod warnings;
 
 pub use annotations::{ANNOTATION_PREFIX, Admission, ServiceIntent};
@@ -40,7 +43,8 @@ pub use plan::{
     PoolTarget, Summary, Target, TargetPlan, plan,
 };
 pub use policy::{NamespaceSpec, PolicyReport, PolicySource, Tenancy, Verdict};
-pub use rule::{Limits, PortRange, Protocol, Render, Rule, RuleContent, ShapeRenderer};
+pub use render::{Render, ShapeRenderer};
+pub use rule::{Limits, PortRange, Protocol, Rule, RuleContent};
 pub use service::{ServicePort, ServiceRef, ServiceSpec, ServiceType};
 pub use set::{PoolSet, ServiceSet, SharedSet};
 pub use warnings::{Warning, WarningKind};

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Service;
 use serde::{Deserialize, Serialize};
 
-use crate::annotations::ANNOTATION_PREFIX;
 use crate::{Error, Result};
+
+/// What every annotation of ours starts with.
+pub const ANNOTATION_PREFIX: &str = "nodeport-firewall.io/";
 
 /// `namespace/name` of a Service.
 ///

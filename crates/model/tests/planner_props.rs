@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
 use nodeport_firewall_model::plan::PoolResolution;
-use nodeport_firewall_model::rule::NameParts;
+use nodeport_firewall_model::render::NameParts;
 use nodeport_firewall_model::{
     Action, Config, Limits, NodeSpec, Observation, ObservedRule, Plan, PoolName, PoolTarget,
     PortMerge, Protocol, Rule, RuleContent, ServiceRef, ServiceSpec, ShapeRenderer, Target,

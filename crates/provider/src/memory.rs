@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use nodeport_firewall_model::rule::NameParts;
+use nodeport_firewall_model::render::NameParts;
 use nodeport_firewall_model::{
     Action, Limits, Observation, ObservedRule, PoolTarget, Render, Rule, ShapeRenderer, Target,
     TargetPlan,

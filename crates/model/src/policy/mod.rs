@@ -22,12 +22,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde::{Deserialize, Serialize};
 
 pub use self::selector::{Selector, valid_dns_label, valid_label_key, valid_label_value};
+use crate::annotations::PoolSelector;
 use crate::annotations::{NODE_POOLS, ServiceIntent, valid_pool_name};
 use crate::config::Policy;
-use crate::desired::PoolSelector;
-use crate::net::{IpFamily, SourceSet, parse_ranges};
+pub use crate::config::floor_violations;
+use crate::net::{SourceSet, parse_ranges};
 use crate::node::PoolName;
-use crate::rule::{PortRange, join};
+use crate::rule::PortRange;
 
 /// The label the API server sets on every Namespace to its name. Manifests read offline may
 /// lack the Namespace object: its name is still known.
@@ -335,49 +336,6 @@ impl Tenancy {
         }
         reports
     }
-}
-
-/// What the floor refuses in a Service's sources. Empty: nothing.
-pub fn floor_violations(floor: &Policy, sources: &SourceSet) -> Vec<String> {
-    let mut out = Vec::new();
-    let world = sources.world_open();
-    if !world.is_empty() && !floor.allow_world_open {
-        for family in &world {
-            out.push(format!(
-                "{} covers all public {family} space: it opens the port to the whole Internet, which the operator policy refuses (policy.allowWorldOpen)",
-                join(sources.family(*family))
-            ));
-        }
-    }
-    // World-open families, where allowed, are not held to the minimum prefix: anything
-    // narrower than the whole Internet is less open.
-    let wide: Vec<IpNet> = sources
-        .wider_than(floor.min_prefix_length.ipv4, floor.min_prefix_length.ipv6)
-        .into_iter()
-        .filter(|n| !world.contains(&IpFamily::of(n)))
-        .collect();
-    for family in [IpFamily::V4, IpFamily::V6] {
-        let these: Vec<IpNet> = wide
-            .iter()
-            .filter(|n| IpFamily::of(n) == family)
-            .copied()
-            .collect();
-        if !these.is_empty() {
-            let min = floor.min_prefix_length.of(family);
-            out.push(format!(
-                "{} is wider than /{min}, the shortest {family} prefix the operator policy allows (policy.minPrefixLength.{family})",
-                join(&these)
-            ));
-        }
-    }
-    if sources.len() > floor.max_ranges_per_service {
-        out.push(format!(
-            "{} source ranges after merging, more than the operator policy allows ({}; policy.maxRangesPerService)",
-            sources.len(),
-            floor.max_ranges_per_service
-        ));
-    }
-    out
 }
 
 /// What a valid policy refuses of a Service's request. Empty: it admits the Service.
