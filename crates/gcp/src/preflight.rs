@@ -1,0 +1,41 @@
+//! The permission preflight on GCP: which Compute firewall permissions the credentials
+//! lack on a target, found without writing. Listing shows `compute.firewalls.list`; the
+//! write permissions are asked of `firewalls.testIamPermissions` on a rule of the network.
+
+use nodeport_firewall_model::Target;
+use nodeport_firewall_provider::{ErrorKind, Provider, Result};
+
+use crate::GcpProvider;
+
+impl GcpProvider {
+    /// `compute.firewalls.list` by listing; the write permissions by
+    /// `firewalls.testIamPermissions` on a rule of the network (any rule: they inherit the
+    /// project's policy). A network without rules cannot be checked for writes.
+    pub(crate) async fn missing_permissions(&self, target: &Target) -> Result<Vec<String>> {
+        let obs = match self.observe(target).await {
+            Ok(o) => o,
+            Err(e) if e.kind == ErrorKind::PermissionDenied => {
+                return Ok(vec!["compute.firewalls.list".to_string()]);
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(probe) = obs.rules.iter().find_map(|r| r.id.clone()) else {
+            return Ok(Vec::new());
+        };
+        let (project, _) = Self::split_target(target)?;
+        let wanted: Vec<String> = [
+            "compute.firewalls.get",
+            "compute.firewalls.create",
+            "compute.firewalls.update",
+            "compute.firewalls.delete",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let granted = self.granted_permissions(project, &probe, &wanted).await?;
+        Ok(wanted
+            .into_iter()
+            .filter(|w| !granted.contains(w))
+            .collect())
+    }
+}
