@@ -8,6 +8,7 @@ mod aws;
 mod azure;
 mod ci;
 mod cli;
+mod crate_graph;
 mod deploy;
 mod gcp;
 mod manifests;
