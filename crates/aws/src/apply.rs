@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use aws_sdk_ec2::types::{IpPermission, SecurityGroupRuleUpdate, Tag};
 use nodeport_firewall_model::{Change, Rule, Target, TargetPlan};
-use nodeport_firewall_provider::{ApplyReport, Error, ErrorKind, Provider, Result, Writes};
+use nodeport_firewall_provider::{
+    ApplyFailure, ApplyReport, Error, ErrorKind, Provider, Result, Writes,
+};
 use tracing::debug;
 
 use crate::client::TagOp;
@@ -20,7 +22,10 @@ type Tags = Vec<(String, String)>;
 
 impl AwsProvider {
     /// Carries out `plan`'s writes.
-    pub(crate) async fn apply_plan(&self, plan: &TargetPlan) -> Result<ApplyReport> {
+    pub(crate) async fn apply_plan(
+        &self,
+        plan: &TargetPlan,
+    ) -> std::result::Result<ApplyReport, ApplyFailure> {
         let Writes {
             removes,
             updates,
@@ -40,7 +45,8 @@ impl AwsProvider {
                 return Err(invalid(format!(
                     "rule {id} on {group} is not owned by cluster {}; refusing to change it",
                     self.cluster
-                )));
+                ))
+                .into());
             }
         }
         let gone: HashSet<&str> = ids
@@ -80,7 +86,8 @@ impl AwsProvider {
         }
         .await;
         self.forget_seen(group);
-        result.map(|()| report)
+        result.map_err(|e| ApplyFailure::after(&report, e))?;
+        Ok(report)
     }
 
     /// The last observation of `group`'s rules, re-read when it does not know all of `ids`.

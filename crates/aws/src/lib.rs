@@ -33,7 +33,7 @@ use nodeport_firewall_model::{
     Limits, Observation, PoolTarget, Render, ShapeRenderer, Target, TargetPlan,
 };
 use nodeport_firewall_provider::{
-    ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy,
+    ApplyFailure, ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy,
 };
 
 pub use config::{AwsConfig, AwsPoolConfig, RetrySettings};
@@ -176,6 +176,7 @@ impl AwsProvider {
             max_total_destinations: None,
             max_rules_reason: None,
             updates_in_place: false,
+            priorities: None,
         }
     }
 }
@@ -214,17 +215,14 @@ impl Provider for AwsProvider {
         if let Ok(mut s) = self.seen.lock() {
             s.insert(group.to_string(), seen);
         }
-        Ok(Observation {
-            rules,
-            limits: self.limits(),
-        })
+        Ok(Observation::new(rules, self.limits()))
     }
 
     async fn preflight(&self, target: &Target) -> Result<Vec<String>> {
         Ok(self.check(target).await)
     }
 
-    async fn apply(&self, plan: &TargetPlan) -> Result<ApplyReport> {
+    async fn apply(&self, plan: &TargetPlan) -> std::result::Result<ApplyReport, ApplyFailure> {
         self.apply_plan(plan).await
     }
 }

@@ -78,11 +78,7 @@ impl AwsProvider {
             },
         };
         (
-            ObservedRule {
-                id: r.security_group_rule_id().map(str::to_string),
-                rule,
-                owned,
-            },
+            ObservedRule::new(r.security_group_rule_id().map(str::to_string), rule, owned),
             Seen {
                 owned,
                 list_tag_keys: parsed.list_tag_keys,

@@ -622,6 +622,10 @@ impl Harness for AwsHarness<'_> {
         &self.provider
     }
 
+    async fn new_instance(&self) -> Box<dyn Provider> {
+        Box::new(self.env.provider().await)
+    }
+
     async fn fresh_pool(&self, tag: &str) -> PoolFixture {
         let (pool, _, nodes) = self.env.pool(&format!("pool-{tag}")).await;
         PoolFixture {
@@ -1072,8 +1076,11 @@ async fn throttling_and_5xx_converge_without_duplicates() {
     let before = p.stats().calls("AuthorizeSecurityGroupIngress");
     let out = engine::apply(&p, &again).await;
     match &out[0].1 {
-        ApplyOutcome::Failed { error } => {
-            assert!(error.contains("UnauthorizedOperation"), "{error}")
+        ApplyOutcome::Failed { error, .. } => {
+            assert!(
+                error.to_string().contains("UnauthorizedOperation"),
+                "{error}"
+            )
         }
         other => panic!("expected a failure, got {other:?}"),
     }

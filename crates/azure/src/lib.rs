@@ -35,15 +35,13 @@ use azure_core::auth::TokenCredential;
 use azure_core::{HttpClient, RetryOptions, TransportOptions, Url};
 use nodeport_firewall_model::{Observation, PoolTarget, Render, Target, TargetPlan};
 use nodeport_firewall_provider::{
-    ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy,
+    ApplyFailure, ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy,
 };
 
 pub use config::{AzureConfig, AzurePoolConfig, CredentialKind, PriorityBand, RetrySettings};
 pub use stats::{CallStats, OpStats};
 pub use wire::NsgId;
 
-use marker::MarkerBook;
-use observe::SeenNsg;
 use resolve::{Resolution, ResolutionKey};
 
 pub const NAME: &str = "azure";
@@ -80,8 +78,6 @@ pub struct AzureProvider {
     token_scope: String,
     retry: RetryPolicy,
     renderer: render::NsgRenderer,
-    book: MarkerBook,
-    seen: Mutex<HashMap<String, SeenNsg>>,
     /// Discovered (NSG, destination) per pool and VMSS set.
     resolutions: Mutex<HashMap<ResolutionKey, Resolution>>,
     /// One writer per NSG, even when several pools (targets of one apply) share it.
@@ -156,7 +152,6 @@ impl AzureProvider {
             .transport(TransportOptions::new_custom_policy(Arc::new(transport)))
             .build()
             .map_err(|e| config_error(format!("azure client: {}", error::chain(&e))))?;
-        let book = MarkerBook::default();
         Ok(AzureProvider {
             cluster: cluster.to_string(),
             retry: config
@@ -167,9 +162,7 @@ impl AzureProvider {
             http,
             credential,
             token_scope,
-            renderer: render::NsgRenderer::new(book.clone()),
-            book,
-            seen: Mutex::new(HashMap::new()),
+            renderer: render::NsgRenderer::new(),
             resolutions: Mutex::new(HashMap::new()),
             writers: Mutex::new(HashMap::new()),
             stats: CallStats::new(stats::kind),
@@ -202,7 +195,7 @@ impl Provider for AzureProvider {
 
     async fn observe(&self, target: &Target) -> Result<Observation> {
         let nsg = NsgId::parse(&target.id).map_err(invalid)?;
-        self.observe_nsg(&nsg).await.map(|(o, _)| o)
+        self.observe_nsg(&nsg).await
     }
 
     /// ARM has no dry run: only the read is checked. Missing write or delete permissions
@@ -217,7 +210,7 @@ impl Provider for AzureProvider {
         }
     }
 
-    async fn apply(&self, plan: &TargetPlan) -> Result<ApplyReport> {
+    async fn apply(&self, plan: &TargetPlan) -> std::result::Result<ApplyReport, ApplyFailure> {
         self.apply_plan(plan).await
     }
 }

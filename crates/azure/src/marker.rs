@@ -2,11 +2,8 @@
 //!
 //! An NSG security rule has no tags: its description (140 characters at most) is the only
 //! place for the marker. It names the cluster and, when they fit, the pools and Services the
-//! rule serves. When they do not fit, it carries a hash of them instead, which
-//! [`MarkerBook`] resolves from the rules this process rendered.
-
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+//! rule serves. When they do not fit, it carries a hash of them instead, which the planner
+//! recognises by rendering the rule it wants ([`digest`]).
 
 use ipnet::IpNet;
 use nodeport_firewall_model::{IpFamily, PoolName, PoolSet, ServiceRef, ServiceSet};
@@ -22,8 +19,6 @@ const POOLS: &str = "; pools=";
 const SERVICES: &str = "; services=";
 const HASHED: &str = "; set#";
 const SERVICES_HASHED: &str = "; services#";
-/// Entries kept by a [`MarkerBook`] before it starts over.
-const BOOK_CAPACITY: usize = 20_000;
 
 /// Keeps the characters Azure allows in a rule name.
 fn name_part(s: &str, max: usize) -> String {
@@ -162,35 +157,13 @@ pub fn parse(cluster: &str, description: Option<&str>) -> Marker {
     Marker::Inline { pools, services }
 }
 
-/// Hashes of markers too long for a description, mapped back to the pools and Services
-/// they stand for. Filled by the renderer, read by observe.
-#[derive(Debug, Clone, Default)]
-pub struct MarkerBook {
-    inner: Arc<Mutex<HashMap<String, (PoolSet, ServiceSet)>>>,
-}
-
-impl MarkerBook {
-    /// Records the marker of a rendered rule when it is hashed.
-    pub fn record(&self, cluster: &str, pools: &PoolSet, services: &ServiceSet) {
-        if let Marker::Hashed { hash, .. } =
-            parse(cluster, Some(&description(cluster, pools, services)))
-            && let Ok(mut m) = self.inner.lock()
-        {
-            if m.len() >= BOOK_CAPACITY && !m.contains_key(&hash) {
-                // Bounded: forgetting only costs a no-op update (see the apply).
-                m.clear();
-            }
-            m.insert(hash, (pools.clone(), services.clone()));
-        }
-    }
-
-    pub fn resolve(&self, hash: &str) -> Option<(PoolSet, ServiceSet)> {
-        self.inner.lock().ok()?.get(hash).cloned()
-    }
-
-    /// Whether `hash` is the marker hash of these pools and Services.
-    pub fn matches(hash: &str, pools: &PoolSet, services: &ServiceSet) -> bool {
-        hash_of(pools, services) == hash
+/// The hash our marker carries for a rule serving `services` of `pools` when the lists do
+/// not fit a description; `None` when they do. The planner compares it with an observed
+/// rule's hash, so a process that never wrote the rule still knows what it serves.
+pub fn digest(cluster: &str, pools: &PoolSet, services: &ServiceSet) -> Option<String> {
+    match parse(cluster, Some(&description(cluster, pools, services))) {
+        Marker::Hashed { hash, .. } => Some(hash),
+        _ => None,
     }
 }
 
@@ -340,12 +313,10 @@ mod tests {
             matches!(parse("c1", Some(&d2)), Marker::Hashed { pools: None, .. }),
             "{d2}"
         );
-        let book = MarkerBook::default();
-        assert_eq!(book.resolve(&h), None);
-        book.record("c1", &p, &s);
-        assert_eq!(book.resolve(&h), Some((p.clone(), s.clone())));
-        assert!(MarkerBook::matches(&h, &p, &s));
-        assert!(!MarkerBook::matches(&h, &p, &svcs(39)));
+        // The planner recognises the hash by rendering: same lists, same digest.
+        assert_eq!(digest("c1", &p, &s), Some(h.clone()));
+        assert_ne!(digest("c1", &p, &svcs(39)), Some(h));
+        assert_eq!(digest("c1", &pools(&["a"]), &svcs(1)), None);
     }
 
     #[test]

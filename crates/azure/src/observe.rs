@@ -1,45 +1,29 @@
 //! Reading an NSG: its inbound rules as neutral rules, and the limits left for ours. NSGs
 //! cap rules and prefixes per NSG, counting outbound rules and others' rules the planner
-//! never sees, and our rules must fit in the free priorities of our band. What a listing
-//! saw is remembered per NSG, so that an apply knows each rule's priority and owner.
+//! never sees, and our rules must fit in the free priorities of our band. Every fact an
+//! apply needs (each rule's priority and owner, the names of outbound rules) is in the
+//! observation; nothing is remembered here.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 
 use azure_mgmt_network::package_2024_03::models::SecurityRuleDirection;
-use nodeport_firewall_model::{Limits, Observation};
+use nodeport_firewall_model::{Limits, Observation, PriorityRange};
 use nodeport_firewall_provider::Result;
 use tracing::debug;
 
 use crate::wire::plural;
 use crate::{AzureProvider, NsgId};
 
-/// What the last observation of an NSG said about one of its inbound rules.
-#[derive(Debug, Clone)]
-pub(crate) struct SeenRule {
-    pub(crate) priority: i32,
-    pub(crate) owned: bool,
-    /// The hash of a hashed marker, to tell a marker-only change that needs no write.
-    pub(crate) marker_hash: Option<String>,
-}
-
-/// The last observation of an NSG.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct SeenNsg {
-    pub(crate) rules: HashMap<String, SeenRule>,
-    /// Names of every rule, both directions: a PUT under one of them replaces that rule.
-    pub(crate) names: HashSet<String>,
-    /// Priorities of every inbound rule, ours and others'.
-    pub(crate) priorities: BTreeSet<i32>,
-}
-
 impl AzureProvider {
-    /// Lists an NSG, remembers what it saw, and returns the inbound rules with the limits
-    /// that apply to us.
-    pub(crate) async fn observe_nsg(&self, nsg: &NsgId) -> Result<(Observation, SeenNsg)> {
+    /// Lists an NSG: its inbound rules with the limits that apply to us.
+    pub(crate) async fn observe_nsg(&self, nsg: &NsgId) -> Result<Observation> {
         let all = self.list_rules(nsg).await?;
         let band = self.config.priority_band;
         let mut rules = Vec::new();
-        let mut seen = SeenNsg::default();
+        // Names of outbound rules (an inbound rule cannot take one), and priorities of
+        // inbound rules the planner does not see.
+        let mut reserved_names = BTreeSet::new();
+        let mut reserved_priorities = BTreeSet::new();
         let mut outbound = 0usize;
         // Source prefixes the planner does not see: outbound rules', and inbound foreign
         // rules' that are not plain prefixes (service tags, `*`).
@@ -48,14 +32,12 @@ impl AzureProvider {
         let mut hidden_destinations = 0usize;
         let (mut foreign_in_band, mut ours_outside_band) = (0usize, 0usize);
         for r in &all {
-            if let Some(name) = &r.name {
-                seen.names.insert(name.clone());
-            }
             let Some(p) = r.properties.as_ref() else {
                 continue;
             };
             let source_count = plural(&p.source_address_prefix, &p.source_address_prefixes).len();
             if p.direction != SecurityRuleDirection::Inbound {
+                reserved_names.extend(r.name.clone());
                 outbound += 1;
                 hidden_sources += source_count;
                 hidden_destinations += plural(
@@ -65,22 +47,19 @@ impl AzureProvider {
                 .len();
                 continue;
             }
-            let Some((observed, s)) = self.to_observed(r) else {
+            let Some(observed) = self.to_observed(r) else {
+                reserved_priorities.extend(u32::try_from(p.priority).ok());
                 continue;
             };
-            seen.priorities.insert(s.priority);
             if observed.owned {
-                if !band.contains(s.priority) {
+                if !band.contains(p.priority) {
                     ours_outside_band += 1;
                 }
             } else {
                 hidden_sources += source_count.saturating_sub(observed.rule.content.sources.len());
-                if band.contains(s.priority) {
+                if band.contains(p.priority) {
                     foreign_in_band += 1;
                 }
-            }
-            if let Some(id) = &observed.id {
-                seen.rules.insert(id.clone(), s);
             }
             rules.push(observed);
         }
@@ -97,11 +76,10 @@ impl AzureProvider {
             )
         });
         debug!(nsg = %nsg.name, rules = all.len(), outbound, foreign_in_band, band_room, max_rules, "observed NSG");
-        if let Ok(mut m) = self.seen.lock() {
-            m.insert(nsg.id(), seen.clone());
-        }
         let observation = Observation {
             rules,
+            reserved_names,
+            reserved_priorities,
             limits: Limits {
                 max_rules: Some(max_rules),
                 rules_counted_per_family: false,
@@ -119,28 +97,12 @@ impl AzureProvider {
                 ),
                 max_rules_reason,
                 updates_in_place: true,
+                priorities: Some(PriorityRange {
+                    from: u32::try_from(band.from).unwrap_or(0),
+                    to: u32::try_from(band.to).unwrap_or(0),
+                }),
             },
         };
-        Ok((observation, seen))
-    }
-
-    fn cached_seen(&self, nsg: &NsgId) -> Option<SeenNsg> {
-        self.seen.lock().ok()?.get(&nsg.id()).cloned()
-    }
-
-    pub(crate) fn forget_seen(&self, nsg: &NsgId) {
-        if let Ok(mut m) = self.seen.lock() {
-            m.remove(&nsg.id());
-        }
-    }
-
-    /// The last observation of `nsg`, re-read when it does not know all of `names`.
-    pub(crate) async fn seen_rules(&self, nsg: &NsgId, names: &[&str]) -> Result<SeenNsg> {
-        if let Some(seen) = self.cached_seen(nsg)
-            && names.iter().all(|n| seen.rules.contains_key(*n))
-        {
-            return Ok(seen);
-        }
-        Ok(self.observe_nsg(nsg).await?.1)
+        Ok(observation)
     }
 }

@@ -5,12 +5,11 @@
 use nodeport_firewall_model::render::{NameParts, RenderContext};
 use nodeport_firewall_model::{Grant, Protocol, Render, Rule, ShapeRenderer};
 
-use crate::marker::{self, Destination, MarkerBook};
+use crate::marker::{self, Destination};
 
 /// Renders NSG rules.
 pub struct NsgRenderer {
     inner: ShapeRenderer,
-    book: MarkerBook,
 }
 
 impl std::fmt::Debug for NsgRenderer {
@@ -20,7 +19,7 @@ impl std::fmt::Debug for NsgRenderer {
 }
 
 impl NsgRenderer {
-    pub fn new(book: MarkerBook) -> Self {
+    pub fn new() -> Self {
         let inner = ShapeRenderer::named(|parts: &NameParts<'_>| {
             // The name hashes the kind of destination, not its prefixes: node IPs come
             // and go, and the rule is then updated in place under the same name.
@@ -31,7 +30,13 @@ impl NsgRenderer {
             };
             marker::rule_name(parts.cluster, parts.pools, &stable.short_hash())
         });
-        NsgRenderer { inner, book }
+        NsgRenderer { inner }
+    }
+}
+
+impl Default for NsgRenderer {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -54,11 +59,14 @@ impl Render for NsgRenderer {
                 continue;
             };
             rule.content.scope = Some(dst.scope());
-            self.book.record(ctx.cluster, &rule.pools, &rule.services);
             out.push(rule);
         }
         out.sort_unstable_by(|a, b| a.content.cmp(&b.content));
         out
+    }
+
+    fn marker_digest(&self, cluster: &str, rule: &Rule) -> Option<String> {
+        marker::digest(cluster, &rule.pools, &rule.services)
     }
 
     /// A rule's destination prefixes: ours from its destination scope (an ASG counts none),

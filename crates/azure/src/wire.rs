@@ -7,11 +7,12 @@ use azure_mgmt_network::package_2024_03::models::{
     SecurityRulePropertiesFormat, security_rule_properties_format::Protocol as ArmProtocol,
 };
 use ipnet::IpNet;
-use nodeport_firewall_model::{IpFamily, ObservedRule, PortRange, Protocol, Rule, RuleContent};
+use nodeport_firewall_model::{
+    IpFamily, MarkerDigest, ObservedRule, PortRange, Protocol, Rule, RuleContent,
+};
 use nodeport_firewall_provider::Result;
 
 use crate::marker::{self, Destination, Marker};
-use crate::observe::SeenRule;
 use crate::{AzureProvider, invalid};
 
 /// A network security group's resource id, parsed.
@@ -61,7 +62,7 @@ impl AzureProvider {
     /// Maps one ARM rule to a neutral rule. A rule that cannot be expressed as ours (deny,
     /// other protocols, service tags, port `*`) is never ours; it keeps no sources, so it
     /// never stands in for one of ours.
-    pub(crate) fn to_observed(&self, r: &arm::SecurityRule) -> Option<(ObservedRule, SeenRule)> {
+    pub(crate) fn to_observed(&self, r: &arm::SecurityRule) -> Option<ObservedRule> {
         let name = r.name.clone()?;
         let p = r.properties.as_ref()?;
         let marker = marker::parse(&self.cluster, p.description.as_deref());
@@ -109,15 +110,21 @@ impl AzureProvider {
                 .is_some_and(|s| !s.is_empty() && s.iter().all(|n| IpFamily::of(n) == family))
             && ports.as_ref().is_some_and(|p| !p.is_empty())
             && destination.is_some();
-        let (owned, pools, services, hash) = match (&marker, mappable) {
+        // A hashed marker names no Services (and maybe no pools): the planner knows them
+        // by the hash.
+        let (owned, pools, services, digest) = match (&marker, mappable) {
             (Marker::Inline { pools, services }, true) => {
                 (true, pools.clone(), services.clone(), None)
             }
-            (Marker::Hashed { pools, hash }, true) => {
-                let (known_pools, services) = self.book.resolve(hash).unwrap_or_default();
-                let pools = pools.clone().unwrap_or(known_pools);
-                (true, pools, services, Some(hash.clone()))
-            }
+            (Marker::Hashed { pools, hash }, true) => (
+                true,
+                pools.clone().unwrap_or_default(),
+                Default::default(),
+                Some(MarkerDigest {
+                    value: hash.clone(),
+                    pools_listed: pools.is_some(),
+                }),
+            ),
             _ => (false, Default::default(), Default::default(), None),
         };
         let mut ports = ports.unwrap_or_default();
@@ -143,19 +150,11 @@ impl AzureProvider {
             services,
             pools,
         };
-        let seen = SeenRule {
-            priority: p.priority,
-            owned,
-            marker_hash: hash,
-        };
-        Some((
-            ObservedRule {
-                id: Some(name),
-                rule,
-                owned,
-            },
-            seen,
-        ))
+        Some(ObservedRule {
+            priority: u32::try_from(p.priority).ok(),
+            digest,
+            ..ObservedRule::new(Some(name), rule, owned)
+        })
     }
 }
 

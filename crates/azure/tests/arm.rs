@@ -93,18 +93,7 @@ async fn plan(
     engine::plan(p, config, &desired(config, svcs, nodes)).await
 }
 
-async fn apply_ok(p: &AzureProvider, plan: &Plan) {
-    for (target, outcome) in engine::apply(p, plan).await {
-        match outcome {
-            ApplyOutcome::NoChanges | ApplyOutcome::Applied { .. } => {}
-            other => panic!("apply on {target} failed: {other:?}"),
-        }
-    }
-}
-
-fn writes(plan: &Plan) -> usize {
-    plan.summary.add + plan.summary.remove + plan.summary.update
-}
+use nodeport_firewall_provider::testkit::{apply_ok, writes};
 
 fn svc(name: &str, port: i32, ranges: &str) -> ServiceSpec {
     ServiceSpec::nodeport("apps", name)
@@ -163,6 +152,10 @@ struct ArmHarness {
 impl Harness for ArmHarness {
     fn provider(&self) -> &dyn Provider {
         &self.provider
+    }
+
+    async fn new_instance(&self) -> Box<dyn Provider> {
+        Box::new(provider_with(&self.server, json!({})).await)
     }
 
     async fn fresh_pool(&self, tag: &str) -> PoolFixture {
@@ -495,7 +488,7 @@ async fn a_full_priority_band_is_a_plan_error_before_any_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_priority_taken_meanwhile_is_retried_on_another() {
+async fn a_priority_taken_meanwhile_is_a_conflict_the_next_plan_resolves() {
     let server = ArmServer::start();
     let nsg = server.create_nsg(SUB, RG, "nsg");
     let p = provider_with(&server, json!({})).await;
@@ -507,7 +500,24 @@ async fn a_priority_taken_meanwhile_is_retried_on_another() {
     ];
     let first = plan(&p, &config, &svcs, &nodes).await;
     server.steal_next_priorities(2);
-    apply_ok(&p, &first).await;
+    // The executor does not pick around a taken priority: it reports the conflict, and
+    // the next plan, from a fresh read, gives the rules free ones.
+    let outcomes = nodeport_firewall_provider::testkit::apply(&p, &first).await;
+    let ApplyOutcome::Failed { error, .. } = &outcomes[0].1 else {
+        panic!("expected a conflict: {outcomes:?}")
+    };
+    assert_eq!(
+        error.kind,
+        nodeport_firewall_provider::ErrorKind::Conflict,
+        "{error}"
+    );
+    let second = plan(&p, &config, &svcs, &nodes).await;
+    let outcomes = nodeport_firewall_provider::testkit::apply(&p, &second).await;
+    assert!(
+        matches!(outcomes[0].1, ApplyOutcome::Failed { .. }),
+        "{outcomes:?}"
+    );
+    apply_ok(&p, &plan(&p, &config, &svcs, &nodes).await).await;
     let rules = server.rules(&nsg);
     let thieves: Vec<&Value> = rules
         .iter()
@@ -585,8 +595,11 @@ async fn long_running_operations_are_polled_and_time_out() {
     let outcomes = engine::apply(&slow, &plan(&slow, &config, &svcs, &nodes).await).await;
     assert!(started.elapsed() < Duration::from_secs(10));
     match &outcomes[0].1 {
-        ApplyOutcome::Failed { error } => {
-            assert!(error.contains("not finished within 1s"), "{error}")
+        ApplyOutcome::Failed { error, .. } => {
+            assert!(
+                error.to_string().contains("not finished within 1s"),
+                "{error}"
+            )
         }
         other => panic!("expected a timeout, got {other:?}"),
     }
@@ -803,7 +816,7 @@ async fn measure_nsg_usage_writes_and_convergence() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_foreign_rule_with_our_name_is_not_overwritten() {
+async fn a_foreign_rule_with_our_name_is_not_overwritten_and_ours_takes_another() {
     let server = ArmServer::start();
     let nsg = server.create_nsg(SUB, RG, "nsg");
     let p = provider_with(&server, json!({})).await;
@@ -817,13 +830,18 @@ async fn a_foreign_rule_with_our_name_is_not_overwritten() {
     let squatter = server.rules(&nsg);
     let second = plan(&p, &config, &svcs, &nodes).await;
     assert_eq!(second.summary.add, 1, "{second:#?}");
-    let outcomes = engine::apply(&p, &second).await;
-    match &outcomes[0].1 {
-        ApplyOutcome::Failed { error } => assert!(error.contains("already exists"), "{error}"),
-        other => panic!("expected a refusal, got {other:?}"),
+    // The plan knows the name is taken and gives ours a derived one; theirs is untouched.
+    let add = second.targets[0]
+        .of(nodeport_firewall_provider::Action::Add)
+        .next()
+        .unwrap();
+    assert_eq!(add.rule.name.as_deref(), Some(format!("{name}-n").as_str()));
+    apply_ok(&p, &second).await;
+    let after = server.rules(&nsg);
+    for theirs in &squatter {
+        assert!(after.contains(theirs), "{after:#?}");
     }
-    assert_eq!(server.rules(&nsg), squatter);
-    assert_eq!(server.count("PUT", "/"), 0);
+    assert_eq!(writes(&plan(&p, &config, &svcs, &nodes).await), 0);
 
     // The same with an outbound rule of that name: the planner does not see outbound
     // rules, but names are unique across both directions.
@@ -837,13 +855,18 @@ async fn a_foreign_rule_with_our_name_is_not_overwritten() {
     let squatter = server.rules(&nsg);
     let third = plan(&p, &config, &svcs, &nodes).await;
     assert_eq!(third.summary.add, 1, "{third:#?}");
-    let outcomes = engine::apply(&p, &third).await;
-    match &outcomes[0].1 {
-        ApplyOutcome::Failed { error } => assert!(error.contains("already exists"), "{error}"),
-        other => panic!("expected a refusal, got {other:?}"),
+    // The plan knows the name is taken and gives ours a derived one; theirs is untouched.
+    let add = third.targets[0]
+        .of(nodeport_firewall_provider::Action::Add)
+        .next()
+        .unwrap();
+    assert_eq!(add.rule.name.as_deref(), Some(format!("{name}-n").as_str()));
+    apply_ok(&p, &third).await;
+    let after = server.rules(&nsg);
+    for theirs in &squatter {
+        assert!(after.contains(theirs), "{after:#?}");
     }
-    assert_eq!(server.rules(&nsg), squatter);
-    assert_eq!(server.count("PUT", "/"), 0);
+    assert_eq!(writes(&plan(&p, &config, &svcs, &nodes).await), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

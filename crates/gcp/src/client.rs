@@ -106,18 +106,6 @@ impl GcpProvider {
         Ok(out)
     }
 
-    /// One firewall rule of `project`, by name.
-    pub(crate) async fn get_firewall(&self, project: &str, name: &str) -> Result<Firewall> {
-        self.call("firewalls.get", || {
-            self.firewalls
-                .get()
-                .set_project(project)
-                .set_firewall(name)
-                .send()
-        })
-        .await
-    }
-
     /// Which of `wanted` the credentials hold on the firewall rule `resource` of `project`.
     pub(crate) async fn granted_permissions(
         &self,

@@ -21,6 +21,7 @@ pub mod error;
 pub mod marker;
 mod network_admin;
 mod preflight;
+pub mod render;
 mod resolve;
 pub mod stats;
 mod wire;
@@ -32,11 +33,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use google_cloud_compute_v1::client::{Firewalls, Instances};
 use nodeport_firewall_model::{
-    Limits, ManualSteps, Observation, PoolTarget, Render, ServiceSet, ShapeRenderer, Target,
-    TargetPlan,
+    Limits, ManualSteps, Observation, PoolTarget, Render, Target, TargetPlan,
 };
 use nodeport_firewall_provider::{
-    ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy,
+    ApplyFailure, ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy,
 };
 
 pub use config::{GcpConfig, GcpPoolConfig, RetrySettings};
@@ -66,12 +66,8 @@ pub struct GcpProvider {
     firewalls: Firewalls,
     instances: Instances,
     retry: RetryPolicy,
-    renderer: ShapeRenderer,
+    renderer: render::GcpRenderer,
     resolutions: Mutex<HashMap<CacheKey, (Instant, Scope)>>,
-    /// Per target: rule name -> whether it is ours, from the last observation.
-    seen: Mutex<HashMap<String, HashMap<String, bool>>>,
-    /// Service lists too long for a description, by digest, as written by this process.
-    digests: Mutex<HashMap<String, ServiceSet>>,
     /// Every instance of a project, read once for all pools resolved together.
     instance_cache: tokio::sync::Mutex<HashMap<String, (Instant, Arc<InstanceMap>)>>,
     /// Targets whose writes a network admin may have to make, by target id.
@@ -199,11 +195,9 @@ impl GcpProvider {
             config,
             firewalls,
             instances,
-            renderer: ShapeRenderer::named(marker::rule_name),
+            renderer: render::GcpRenderer::new(),
             resolutions: Mutex::new(HashMap::new()),
-            seen: Mutex::new(HashMap::new()),
             network_admin: Mutex::new(HashMap::new()),
-            digests: Mutex::new(HashMap::new()),
             instance_cache: tokio::sync::Mutex::new(HashMap::new()),
             stats: CallStats::new(stats::kind),
         })
@@ -229,6 +223,7 @@ impl GcpProvider {
             max_total_destinations: None,
             max_rules_reason: None,
             updates_in_place: true,
+            priorities: None,
         }
     }
 }
@@ -250,23 +245,13 @@ impl Provider for GcpProvider {
     async fn observe(&self, target: &Target) -> Result<Observation> {
         let (project, network) = Self::split_target(target)?;
         let filter = format!("network = \"{}\"", Self::network_url(project, network));
-        let mut rules = Vec::new();
-        let mut seen = HashMap::new();
-        for fw in &self.list_firewalls(project, &filter).await? {
-            if let Some(o) = self.to_observed(fw) {
-                if let Some(id) = &o.id {
-                    seen.insert(id.clone(), o.owned);
-                }
-                rules.push(o);
-            }
-        }
-        if let Ok(mut s) = self.seen.lock() {
-            s.insert(target.id.clone(), seen);
-        }
-        Ok(Observation {
-            rules,
-            limits: self.limits(),
-        })
+        let rules = self
+            .list_firewalls(project, &filter)
+            .await?
+            .iter()
+            .filter_map(|fw| self.to_observed(fw))
+            .collect();
+        Ok(Observation::new(rules, self.limits()))
     }
 
     async fn preflight(&self, target: &Target) -> Result<Vec<String>> {
@@ -277,7 +262,7 @@ impl Provider for GcpProvider {
         self.network_admin_steps(plan)
     }
 
-    async fn apply(&self, plan: &TargetPlan) -> Result<ApplyReport> {
+    async fn apply(&self, plan: &TargetPlan) -> std::result::Result<ApplyReport, ApplyFailure> {
         self.apply_plan(plan).await
     }
 }

@@ -5,7 +5,7 @@
 use google_cloud_compute_v1::model::{Firewall, firewall};
 use ipnet::IpNet;
 use nodeport_firewall_model::{
-    IpFamily, ObservedRule, PortRange, Protocol, Rule, RuleContent, Target,
+    IpFamily, MarkerDigest, ObservedRule, PortRange, Protocol, Rule, RuleContent, Target,
 };
 use nodeport_firewall_provider::Result;
 
@@ -67,16 +67,6 @@ impl GcpProvider {
             && fw.destination_ranges.is_empty()
             && scope.is_some();
         let owned = parsed.owned && mappable;
-        let mut parsed = parsed;
-        if let Some(digest) = &parsed.services_digest
-            && let Some(full) = self
-                .digests
-                .lock()
-                .ok()
-                .and_then(|d| d.get(digest).cloned())
-        {
-            parsed.services = full;
-        }
         let rule = Rule {
             name: Some(name.clone()),
             content: RuleContent {
@@ -97,10 +87,18 @@ impl GcpProvider {
                 Default::default()
             },
         };
+        // A cut Service list is known by its digest: the planner compares it with the
+        // digest of the rule it wants.
+        let digest = parsed
+            .services_digest
+            .filter(|_| owned)
+            .map(|value| MarkerDigest {
+                value,
+                pools_listed: true,
+            });
         Some(ObservedRule {
-            id: Some(name),
-            rule,
-            owned,
+            digest,
+            ..ObservedRule::new(Some(name), rule, owned)
         })
     }
 
@@ -153,17 +151,10 @@ impl GcpProvider {
         Ok(fw)
     }
 
-    /// The marker of a rule; a Service list cut to fit is remembered by its digest, so that
-    /// the rule reads back as written.
+    /// The marker of a rule. A Service list cut to fit carries its digest, which the
+    /// planner recognises by rendering (`GcpRenderer::marker_digest`).
     pub(crate) fn description(&self, rule: &Rule) -> String {
-        let (text, digest) =
-            marker::description_and_digest(&self.cluster, &rule.pools, &rule.services);
-        if let Some(d) = digest
-            && let Ok(mut m) = self.digests.lock()
-        {
-            m.insert(d, rule.services.clone());
-        }
-        text
+        marker::description(&self.cluster, &rule.pools, &rule.services)
     }
 }
 

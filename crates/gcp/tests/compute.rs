@@ -84,25 +84,7 @@ async fn plan(p: &GcpProvider, config: &Config, svcs: &[ServiceSpec], nodes: &[N
     engine::plan(p, config, &desired(config, svcs, nodes)).await
 }
 
-async fn apply(p: &GcpProvider, plan: &Plan) -> Vec<(Target, ApplyOutcome)> {
-    engine::apply(p, plan).await
-}
-
-async fn apply_ok(p: &GcpProvider, plan: &Plan) -> Vec<String> {
-    let mut notes = Vec::new();
-    for (target, outcome) in apply(p, plan).await {
-        match outcome {
-            ApplyOutcome::NoChanges => {}
-            ApplyOutcome::Applied { report } => notes.extend(report.notes),
-            other => panic!("apply on {target} failed: {other:?}"),
-        }
-    }
-    notes
-}
-
-fn writes(plan: &Plan) -> usize {
-    plan.summary.add + plan.summary.remove + plan.summary.update
-}
+use nodeport_firewall_provider::testkit::{apply, apply_ok, writes};
 
 fn svc(name: &str, port: i32, ranges: &str) -> ServiceSpec {
     ServiceSpec::nodeport("apps", name)
@@ -131,6 +113,10 @@ struct GcpHarness {
 impl Harness for GcpHarness {
     fn provider(&self) -> &dyn Provider {
         &self.provider
+    }
+
+    async fn new_instance(&self) -> Box<dyn Provider> {
+        Box::new(provider_with(&self.server, json!({"ruleBudget": 12})).await)
     }
 
     /// A pool on a network of its own, targeted by a tag that discovery finds.
@@ -389,16 +375,21 @@ async fn service_lists_too_long_for_a_description_still_converge() {
         .to_string();
     assert!(description.len() <= 2048 && description.contains("servicesDigest"));
     assert_eq!(writes(&plan(&p, &config, &svcs, &nodes).await), 0);
-    // A restarted operator does not know the cut list: one description patch, then stable.
+    // A restarted operator knows the cut list by its digest: it plans nothing either.
     let restarted = provider_with(&server, json!({})).await;
     let first = plan(&restarted, &config, &svcs, &nodes).await;
-    assert_eq!(first.summary.update, 1);
-    apply_ok(&restarted, &first).await;
-    assert_eq!(writes(&plan(&restarted, &config, &svcs, &nodes).await), 0);
+    assert_eq!(writes(&first), 0, "{:#?}", first.targets);
+    assert_eq!(first.summary.unchanged, 1);
+    // One Service fewer changes the digest: the description is patched, once.
+    let fewer = plan(&restarted, &config, &svcs[1..], &nodes).await;
+    assert_eq!(fewer.summary.update, 1);
+    apply_ok(&restarted, &fewer).await;
+    let fresh = provider_with(&server, json!({})).await;
+    assert_eq!(writes(&plan(&fresh, &config, &svcs[1..], &nodes).await), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn foreign_rules_are_never_changed_and_a_taken_name_is_reported() {
+async fn foreign_rules_are_never_changed_and_a_taken_name_is_avoided() {
     let server = ComputeServer::start();
     let p = provider_with(&server, json!({})).await;
     let nodes = pool_nodes(
@@ -431,8 +422,8 @@ async fn foreign_rules_are_never_changed_and_a_taken_name_is_reported() {
     assert_eq!(server.firewalls(PROJECT)["allow-ssh"], before);
     assert!(ours(&server, PROJECT).is_empty());
 
-    // Someone else took our rule's name (no marker): the insert's 409 re-reads the rule,
-    // finds it is not ours, and reports it; the rule is untouched.
+    // Someone else took our rule's name (no marker): the plan sees it and adds ours under a
+    // derived name; theirs is untouched.
     let squatter = json!({
         "name": name, "network": "default",
         "allowed": [{"IPProtocol": "tcp", "ports": ["1"]}],
@@ -441,24 +432,18 @@ async fn foreign_rules_are_never_changed_and_a_taken_name_is_reported() {
     server.seed_firewall(PROJECT, squatter).unwrap();
     let squatted = server.firewalls(PROJECT)[&name].clone();
     let again = plan(&p, &config, &svcs, &nodes).await;
-    let outcomes = apply(&p, &again).await;
-    match &outcomes[0].1 {
-        ApplyOutcome::Failed { error } => {
-            assert!(
-                error.contains("is not owned by cluster gke-test"),
-                "{error}"
-            )
-        }
-        other => panic!("expected a failure, got {other:?}"),
-    }
+    let add = again.targets[0].of(Action::Add).next().unwrap();
+    assert_eq!(add.rule.name.as_deref(), Some(format!("{name}-n").as_str()));
+    apply_ok(&p, &again).await;
     assert_eq!(server.firewalls(PROJECT)[&name], squatted);
+    assert_eq!(writes(&plan(&p, &config, &svcs, &nodes).await), 0);
 }
 
 // ---------------------------------------------------------------------------------------
 // Writes: conflicts, throttling, Shared VPC, quota, requestId, Operations
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_409_on_insert_re_observes_and_converges() {
+async fn a_409_on_insert_is_reported_and_the_next_plan_converges() {
     let server = ComputeServer::start();
     let p = provider_with(&server, json!({})).await;
     let nodes = pool_nodes(
@@ -471,20 +456,29 @@ async fn a_409_on_insert_re_observes_and_converges() {
     let config = config_for(&[("web", None)]);
     let svcs = [svc("a", 30080, "10.0.0.0/8"), svc("b", 30090, "10.0.0.0/8")];
     let first = plan(&p, &config, &svcs, &nodes).await;
-    // Another replica applies the same plan first.
+    // Another replica applies the same plan first: ours finds the name taken. The executor
+    // does not adopt or patch it; it reports a conflict, and writes nothing.
     let replica = provider_with(&server, json!({})).await;
     apply_ok(&replica, &first).await;
-    let notes = apply_ok(&p, &first).await;
-    assert!(notes.iter().any(|n| n.contains("adopted")), "{notes:?}");
-    // A replica with an older plan wrote other ports under the same name: ours converges.
-    let older = plan(&p, &config, &svcs[..1], &nodes).await;
+    let before = ours(&server, PROJECT);
+    let outcomes = apply(&p, &first).await;
+    let ApplyOutcome::Failed { error, report } = &outcomes[0].1 else {
+        panic!("expected a conflict: {outcomes:?}")
+    };
+    assert_eq!(error.kind, ErrorKind::Conflict, "{error}");
+    assert!(error.message.contains("the next plan decides"), "{error}");
+    assert_eq!(report.added, 0);
+    assert_eq!(ours(&server, PROJECT), before);
+    // The next plan, from a fresh read, sees the rule as wanted: nothing to do.
+    assert_eq!(writes(&plan(&p, &config, &svcs, &nodes).await), 0);
+
+    // A replica with an older plan wrote other ports under the same name: the next plan
+    // updates it.
     apply_ok(&p, &plan(&p, &config, &[], &nodes).await).await;
-    apply_ok(&replica, &older).await;
-    let notes = apply_ok(&p, &first).await;
-    assert!(
-        notes.iter().any(|n| n.contains("updated to the plan")),
-        "{notes:?}"
-    );
+    apply_ok(&replica, &plan(&replica, &config, &svcs[..1], &nodes).await).await;
+    let next = plan(&p, &config, &svcs, &nodes).await;
+    assert_eq!(next.summary.update, 1, "{:#?}", next.targets);
+    apply_ok(&p, &next).await;
     let rules = ours(&server, PROJECT);
     assert_eq!(rules.len(), 1);
     assert_eq!(
@@ -568,12 +562,14 @@ async fn operations_are_polled_to_done_and_their_errors_checked() {
     let more = [svc("a", 30080, "10.0.0.0/8"), svc("b", 30081, "10.0.0.0/8")];
     let outcomes = apply(&p, &plan(&p, &config, &more, &nodes).await).await;
     match &outcomes[0].1 {
-        ApplyOutcome::Failed { error } => {
+        ApplyOutcome::Failed { error, .. } => {
             assert!(
-                error.contains("operation failed: Quota 'FIREWALLS' exceeded"),
+                error
+                    .to_string()
+                    .contains("operation failed: Quota 'FIREWALLS' exceeded"),
                 "{error}"
             );
-            assert!(error.contains("QUOTA_EXCEEDED"), "{error}");
+            assert!(error.to_string().contains("QUOTA_EXCEEDED"), "{error}");
         }
         other => panic!("expected a failure, got {other:?}"),
     }
@@ -605,14 +601,17 @@ async fn shared_vpc_403_is_a_per_target_error_with_the_gcloud_commands() {
     let first = plan(&p, &config, &svcs, &nodes).await;
     assert_eq!(first.targets[0].target.id, "host-proj/shared");
     let outcomes = apply(&p, &first).await;
-    let ApplyOutcome::Failed { error } = &outcomes[0].1 else {
+    let ApplyOutcome::Failed { error, .. } = &outcomes[0].1 else {
         panic!("expected a failure: {outcomes:?}")
     };
+    let error = error.to_string();
     assert!(
-        error.contains("Required 'compute.firewalls.create' permission"),
+        error
+            .to_string()
+            .contains("Required 'compute.firewalls.create' permission"),
         "{error}"
     );
-    assert!(error.contains("network admin"), "{error}");
+    assert!(error.to_string().contains("network admin"), "{error}");
     let commands: Vec<&str> = error
         .lines()
         .filter(|l| l.starts_with("gcloud compute firewall-rules create "))
@@ -709,15 +708,23 @@ async fn the_budget_is_a_plan_error_and_the_project_quota_a_clear_failure() {
     }
     assert_eq!(server.calls().get("firewalls.insert"), None, "no write");
 
-    // The project quota is lower than the budget: the 403 QUOTA_EXCEEDED is a quota failure.
-    server.set_quota(PROJECT, Some(2));
+    // The project quota is lower than the budget: two inserts fit, the third's 403
+    // QUOTA_EXCEEDED is a quota failure, and the outcome still counts the two written.
+    server.set_quota(PROJECT, Some(3));
     let p = provider_with(&server, json!({})).await;
     let outcomes = apply(&p, &plan(&p, &config, &svcs, &nodes).await).await;
-    let ApplyOutcome::Failed { error } = &outcomes[0].1 else {
+    let ApplyOutcome::Failed { error, report } = &outcomes[0].1 else {
         panic!("expected a failure: {outcomes:?}")
     };
-    assert!(error.contains("Quota 'FIREWALLS' exceeded"), "{error}");
-    assert!(error.contains("quotaExceeded"), "{error}");
+    assert_eq!(error.kind, ErrorKind::QuotaExceeded, "{error}");
+    assert_eq!((report.added, report.removed, report.updated), (2, 0, 0));
+    assert_eq!(ours(&server, PROJECT).len(), 2);
+    let error = error.to_string();
+    assert!(
+        error.to_string().contains("Quota 'FIREWALLS' exceeded"),
+        "{error}"
+    );
+    assert!(error.to_string().contains("quotaExceeded"), "{error}");
 }
 
 // ---------------------------------------------------------------------------------------

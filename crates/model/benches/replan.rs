@@ -64,6 +64,7 @@ fn bench(c: &mut Criterion) {
         max_total_destinations: None,
         max_rules_reason: None,
         updates_in_place: true,
+        priorities: None,
     };
     let renderer =
         ShapeRenderer::named(|p: &NameParts<'_>| format!("npf-bench-{}", p.short_hash()));
@@ -83,40 +84,31 @@ fn bench(c: &mut Criterion) {
 
     // The cloud already holds exactly the desired rules.
     let d = desired(&config, &services, &nodes);
-    let empty: BTreeMap<Target, Result<Observation, String>> = resolutions
-        .values()
-        .flatten()
-        .flatten()
-        .map(|pt| {
-            (
-                pt.target.clone(),
-                Ok(Observation {
-                    rules: vec![],
-                    limits: limits.clone(),
-                }),
-            )
-        })
-        .collect();
+    let empty: BTreeMap<Target, Result<Observation, nodeport_firewall_model::Failure>> =
+        resolutions
+            .values()
+            .flatten()
+            .flatten()
+            .map(|pt| {
+                (
+                    pt.target.clone(),
+                    Ok(Observation::new(vec![], limits.clone())),
+                )
+            })
+            .collect();
     let first = plan(&d, "memory", &resolutions, &empty, &renderer);
-    let observed: BTreeMap<Target, Result<Observation, String>> = first
+    let observed: BTreeMap<Target, Result<Observation, nodeport_firewall_model::Failure>> = first
         .targets
         .iter()
         .map(|t| {
             let rules = t
                 .of(Action::Add)
                 .enumerate()
-                .map(|(i, c)| ObservedRule {
-                    id: Some(format!("r-{i}")),
-                    rule: c.rule.clone(),
-                    owned: true,
-                })
+                .map(|(i, c)| ObservedRule::new(Some(format!("r-{i}")), c.rule.clone(), true))
                 .collect();
             (
                 t.target.clone(),
-                Ok(Observation {
-                    rules,
-                    limits: limits.clone(),
-                }),
+                Ok(Observation::new(rules, limits.clone())),
             )
         })
         .collect();

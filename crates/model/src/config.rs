@@ -136,6 +136,19 @@ impl PoolConfig {
             _ => None,
         }
     }
+
+    /// Sets the override section for one provider; false for a provider with no section.
+    pub fn set_provider(&mut self, provider: &str, section: serde_json::Value) -> bool {
+        let slot = match provider {
+            "aws" => &mut self.aws,
+            "gcp" => &mut self.gcp,
+            "azure" => &mut self.azure,
+            "memory" => &mut self.memory,
+            _ => return false,
+        };
+        *slot = Some(section);
+        true
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -15,6 +15,7 @@
 pub mod annotations;
 pub mod config;
 pub mod desired;
+pub mod failure;
 mod narrow;
 pub mod net;
 pub mod node;
@@ -36,17 +37,19 @@ pub use config::{
 pub use desired::{
     Desired, Grant, PoolSelector, PoolState, PortGrant, ServiceReport, desired, desired_with,
 };
+pub use failure::{ErrorKind, Failure};
 pub use net::{IpFamily, SourceSet};
 pub use node::{NodeSpec, PoolName};
 pub use plan::{
-    Action, Change, ManualSteps, Observation, ObservedRule, Plan, PlanError, PoolResolution,
-    PoolTarget, Summary, Target, TargetPlan, plan,
+    Action, Change, ManualSteps, Observation, ObservationResult, ObservedRule, Plan, PlanError,
+    PoolResolution, PoolTarget, Summary, Target, TargetPlan, plan,
 };
 pub use policy::{NamespaceSpec, PolicyReport, PolicySource, Tenancy, Verdict};
 pub use render::{Render, ShapeRenderer};
-pub use rule::{Limits, PortRange, Protocol, Rule, RuleContent};
+pub use rule::{Limits, PortRange, PriorityRange, Protocol, Rule, RuleContent};
 pub use service::{ServicePort, ServiceRef, ServiceSpec, ServiceType};
 pub use set::{PoolSet, ServiceSet, SharedSet};
+pub use target::MarkerDigest;
 pub use warnings::{Warning, WarningKind};
 
 /// Errors of the pure model: invalid configuration or unreadable input objects.

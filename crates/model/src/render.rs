@@ -36,6 +36,14 @@ pub trait Render: Send + Sync {
     fn destinations(&self, _rule: &Rule) -> usize {
         0
     }
+
+    /// The digest this provider's marker would carry for `rule` of `cluster`, when the
+    /// marker cannot list everything the rule serves; `None` when it lists it all. The
+    /// planner recognises an observed rule whose marker holds a digest by rendering the
+    /// wanted rule and comparing, so that a fresh process decides as a long-running one.
+    fn marker_digest(&self, _cluster: &str, _rule: &Rule) -> Option<String> {
+        None
+    }
 }
 
 /// The parts a rule name is built from, so that names are stable while ports change.

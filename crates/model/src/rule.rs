@@ -201,6 +201,18 @@ pub struct Limits {
     /// Whether a named rule can be changed in place (GCP patch, Azure PUT). Without it a
     /// change is an add of the new rule and a remove of the old one.
     pub updates_in_place: bool,
+    /// The priorities our rules may take, where every rule of the target needs a distinct
+    /// one (an Azure NSG's priority band). The planner gives each new rule the lowest one
+    /// free. `None`: rules have no priority, or a fixed one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priorities: Option<PriorityRange>,
+}
+
+/// An inclusive range of rule priorities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PriorityRange {
+    pub from: u32,
+    pub to: u32,
 }
 
 impl Default for Limits {
@@ -214,6 +226,7 @@ impl Default for Limits {
             max_total_destinations: None,
             max_rules_reason: None,
             updates_in_place: false,
+            priorities: None,
         }
     }
 }

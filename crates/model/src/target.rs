@@ -1,9 +1,11 @@
 //! Targets, the places rules are written to, and what a provider observes on them.
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::failure::Failure;
 use crate::rule::{Limits, Rule};
 
 /// A place rules are written to: an AWS security group, a GCP network, an Azure NSG.
@@ -37,7 +39,10 @@ pub struct PoolTarget {
 }
 
 /// How a provider resolved a pool: its targets, or why it could not.
-pub type PoolResolution = Result<Vec<PoolTarget>, String>;
+pub type PoolResolution = Result<Vec<PoolTarget>, Failure>;
+
+/// What a provider read on a target, or why it could not.
+pub type ObservationResult = Result<Observation, Failure>;
 
 /// A rule seen on a target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +55,57 @@ pub struct ObservedRule {
     /// Carries our ownership marker with this cluster's name. Rules that do not are never
     /// changed or removed.
     pub owned: bool,
+    /// The rule's place in the target's evaluation order, where the cloud has one (an Azure
+    /// NSG priority). Ours and others', so that the planner can place new rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
+    /// Set when our marker could not hold the full lists of what the rule serves (a cloud
+    /// description has a length limit): the digest it carries instead. `rule.services`
+    /// then holds only the Services the marker names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<MarkerDigest>,
+}
+
+impl ObservedRule {
+    /// A rule whose marker names everything it serves, with no priority.
+    pub fn new(id: Option<String>, rule: Rule, owned: bool) -> Self {
+        ObservedRule {
+            id,
+            rule,
+            owned,
+            priority: None,
+            digest: None,
+        }
+    }
+
+    /// Whether the marker lists every Service (and pool) the rule serves. A fresh process
+    /// knows the rest only by re-rendering the wanted rules and comparing their digest
+    /// ([`crate::Render::marker_digest`]).
+    pub fn fully_listed(&self) -> bool {
+        self.digest.is_none()
+    }
+}
+
+/// What a marker too long for its cloud carries instead of the full lists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MarkerDigest {
+    /// The provider's digest of what the rule serves; the planner compares it with
+    /// [`crate::Render::marker_digest`] of a wanted rule and never interprets it.
+    pub value: String,
+    /// Whether `rule.pools` is the full pool list (else it is empty or partial).
+    pub pools_listed: bool,
+}
+
+impl Observation {
+    /// What was seen: these rules, under these limits, with nothing reserved.
+    pub fn new(rules: Vec<ObservedRule>, limits: Limits) -> Self {
+        Observation {
+            rules,
+            limits,
+            ..Observation::default()
+        }
+    }
 }
 
 /// What a provider observed on one target.
@@ -57,4 +113,11 @@ pub struct ObservedRule {
 pub struct Observation {
     pub rules: Vec<ObservedRule>,
     pub limits: Limits,
+    /// Names held on the target by rules the planner does not see (Azure: outbound rules,
+    /// whose names an inbound rule cannot take). A new rule never takes one of them.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub reserved_names: BTreeSet<String>,
+    /// Priorities held by rules the planner does not see. A new rule never takes one.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub reserved_priorities: BTreeSet<u32>,
 }

@@ -145,6 +145,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                         max_total_destinations: None,
                         max_rules_reason: None,
                         updates_in_place: in_place && named,
+                        priorities: None,
                     },
                     named,
                     shared_target: shared,
@@ -203,18 +204,15 @@ struct Cloud {
 }
 
 impl Cloud {
-    fn observe(&self, s: &Scenario) -> BTreeMap<Target, Result<Observation, String>> {
+    fn observe(
+        &self,
+        s: &Scenario,
+    ) -> BTreeMap<Target, Result<Observation, nodeport_firewall_model::Failure>> {
         let mut out = BTreeMap::new();
         for res in resolutions(s).into_values().flatten() {
             for pt in res {
                 let rules = self.targets.get(&pt.target).cloned().unwrap_or_default();
-                out.insert(
-                    pt.target,
-                    Ok(Observation {
-                        rules,
-                        limits: s.limits.clone(),
-                    }),
-                );
+                out.insert(pt.target, Ok(Observation::new(rules, s.limits.clone())));
             }
         }
         out
@@ -226,11 +224,7 @@ impl Cloud {
         self.targets
             .entry(target.clone())
             .or_default()
-            .push(ObservedRule {
-                id: Some(id),
-                rule,
-                owned,
-            });
+            .push(ObservedRule::new(Some(id), rule, owned));
     }
 
     /// Applies a plan the way a provider must; fails on anything a cloud would refuse.
@@ -267,11 +261,11 @@ impl Cloud {
                     return Err(format!("duplicate rule name added: {:?}", c.rule.name));
                 }
                 self.next += 1;
-                rules.push(ObservedRule {
-                    id: Some(format!("r{}", self.next)),
-                    rule: c.rule.clone(),
-                    owned: true,
-                });
+                rules.push(ObservedRule::new(
+                    Some(format!("r{}", self.next)),
+                    c.rule.clone(),
+                    true,
+                ));
             }
         }
         Ok(())
@@ -538,7 +532,13 @@ fn pool_that_fails_to_resolve_pins_its_rules_on_shared_targets() {
     // Now pool a cannot be resolved: b and c still plan the shared target.
     let d = desired(&config(&s), std::slice::from_ref(&svc), &nodes());
     let mut res = resolutions(&s);
-    res.insert(PoolName::new("a"), Err("discovery failed".into()));
+    res.insert(
+        PoolName::new("a"),
+        Err(nodeport_firewall_model::Failure::new(
+            nodeport_firewall_model::ErrorKind::Discovery,
+            "discovery failed",
+        )),
+    );
     let p = plan(&d, "memory", &res, &cloud.observe(&s), &renderer(&s));
     let t = &p.targets[0];
     assert_eq!(t.count(Action::Remove), 0, "{:#?}", t.changes);
@@ -572,7 +572,10 @@ fn pool_without_nodes_that_cannot_resolve_keeps_its_rules_without_error() {
     let mut res = resolutions(&s);
     res.insert(
         PoolName::new("idle"),
-        Err("no nodes to discover a security group from".into()),
+        Err(nodeport_firewall_model::Failure::new(
+            nodeport_firewall_model::ErrorKind::Discovery,
+            "no nodes to discover a security group from",
+        )),
     );
     let p = plan(
         &d,

@@ -238,13 +238,7 @@ fn plan_on(w: &World, cloud: &Cloud) -> Plan {
         .flatten()
         .map(|pt| {
             let rules = cloud.get(&pt.target).cloned().unwrap_or_default();
-            (
-                pt.target,
-                Ok(Observation {
-                    rules,
-                    limits: Limits::default(),
-                }),
-            )
+            (pt.target, Ok(Observation::new(rules, Limits::default())))
         })
         .collect();
     plan(
@@ -269,11 +263,7 @@ fn apply(cloud: &mut Cloud, plan: &Plan) {
                 }
                 Action::Add => {
                     let id = format!("r{}-{}", rules.len(), c.rule.content.ports[0].from);
-                    rules.push(ObservedRule {
-                        id: Some(id),
-                        rule: c.rule.clone(),
-                        owned: true,
-                    });
+                    rules.push(ObservedRule::new(Some(id), c.rule.clone(), true));
                 }
                 _ => {}
             }

@@ -64,7 +64,14 @@ fn line(change: &Change, style: Style, verbose: bool) -> Option<String> {
         .map(|i| format!(" {{{i}}}"))
         .unwrap_or_default();
     let text = match change.action {
-        Action::Add => style.green(&format!("  + {}", describe(&change.rule))),
+        Action::Add => {
+            // Where rules are ordered by priority (Azure), the plan chose it: show it.
+            let priority = change
+                .priority
+                .map(|p| format!(" (priority {p})"))
+                .unwrap_or_default();
+            style.green(&format!("  + {}{priority}", describe(&change.rule)))
+        }
         Action::Remove => match &change.note {
             Some(note) => style.red(&format!("  - {}{id}  -- {note}", describe(&change.rule))),
             None => style.red(&format!("  - {}{id}", describe(&change.rule))),
@@ -321,26 +328,40 @@ pub fn applied_target(
                 style.red(&format!("{target}: not applied: {error}"))
             );
         }
-        ApplyOutcome::Failed { error } => {
+        ApplyOutcome::Failed { error, report } => {
             let _ = writeln!(
                 out,
                 "{}",
-                style.red(&format!("{target}: FAILED after {seconds:.1} s: {error}"))
+                style.red(&format!(
+                    "{target}: FAILED after {seconds:.1} s, having written {} added, {} changed, {} removed: {error}",
+                    report.added, report.updated, report.removed
+                ))
             );
+            for n in &report.notes {
+                let _ = writeln!(out, "  note: {n}");
+            }
         }
     }
     out
 }
 
-/// The closing line of an apply.
+/// The closing line of an apply: every write made, on failed targets too.
 pub fn applied_total(outcomes: &[(Target, ApplyOutcome)]) -> String {
     let (mut added, mut removed, mut updated) = (0, 0, 0);
-    for (_, outcome) in outcomes {
-        if let ApplyOutcome::Applied { report } = outcome {
-            added += report.added;
-            removed += report.removed;
-            updated += report.updated;
-        }
+    for report in outcomes.iter().filter_map(|(_, o)| o.written()) {
+        added += report.added;
+        removed += report.removed;
+        updated += report.updated;
     }
-    format!("Apply complete: {added} added, {updated} changed, {removed} removed.\n")
+    let failed = outcomes
+        .iter()
+        .filter(|(_, o)| matches!(o, ApplyOutcome::Failed { .. }))
+        .count();
+    if failed > 0 {
+        format!(
+            "Apply failed on {failed} target(s): {added} added, {updated} changed, {removed} removed.\n"
+        )
+    } else {
+        format!("Apply complete: {added} added, {updated} changed, {removed} removed.\n")
+    }
 }

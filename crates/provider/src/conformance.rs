@@ -17,7 +17,7 @@ use nodeport_firewall_model::{
 };
 
 use crate::engine::{self, ApplyOutcome};
-use crate::{Provider, Result};
+use crate::{Provider, Result, testkit};
 
 /// A fresh pool, with its own fresh target, for one scenario.
 #[derive(Debug, Clone)]
@@ -32,6 +32,10 @@ pub struct PoolFixture {
 #[async_trait]
 pub trait Harness: Send + Sync {
     fn provider(&self) -> &dyn Provider;
+    /// A new instance of the provider, with the same config, on the same backend: what a
+    /// new process (the next `plan` run, a restart, a new leader) would build. It shares no
+    /// memory with [`Harness::provider`].
+    async fn new_instance(&self) -> Box<dyn Provider>;
     /// Creates a pool whose target holds no rules yet. `tag` is unique per call.
     async fn fresh_pool(&self, tag: &str) -> PoolFixture;
     /// Writes a rule directly on the target, as another tool would: with no ownership
@@ -45,6 +49,7 @@ pub async fn run_all(h: &dyn Harness) {
     foreign_rules_are_untouched(h).await;
     removing_a_service_removes_exactly_its_rules(h).await;
     exceeded_limit_is_a_plan_error_before_any_write(h).await;
+    a_fresh_instance_plans_as_a_long_lived_one(h).await;
 }
 
 fn services() -> Vec<ServiceSpec> {
@@ -86,7 +91,7 @@ fn target_of(plan: &Plan, f: &PoolFixture) -> Target {
 }
 
 async fn apply_ok(h: &dyn Harness, plan: &Plan) {
-    for (target, outcome) in engine::apply(h.provider(), plan).await {
+    for (target, outcome) in testkit::apply(h.provider(), plan).await {
         match outcome {
             ApplyOutcome::Applied { .. } | ApplyOutcome::NoChanges => {}
             other => panic!("apply on {target} failed: {other:?}"),
@@ -369,7 +374,7 @@ pub async fn exceeded_limit_is_a_plan_error_before_any_write(h: &dyn Harness) {
         }
         other => panic!("expected a rule quota error, got {other:?}"),
     }
-    for (_, outcome) in engine::apply(h.provider(), &plan).await {
+    for (_, outcome) in testkit::apply(h.provider(), &plan).await {
         assert!(
             matches!(outcome, ApplyOutcome::Refused { .. }),
             "apply must refuse: {outcome:?}"
@@ -377,6 +382,117 @@ pub async fn exceeded_limit_is_a_plan_error_before_any_write(h: &dyn Harness) {
     }
     let (ours, _) = observed(h, &target).await;
     assert!(ours.is_empty(), "nothing may be written: {ours:#?}");
+}
+
+/// 150 Services on one allowlist, with contiguous node ports: one rule serves them all,
+/// more than any cloud's description can list.
+fn crowd() -> Vec<ServiceSpec> {
+    (0..150)
+        .map(|i| {
+            ServiceSpec::nodeport("a-long-namespace-name", &format!("crowded-service-{i:03}"))
+                .with_port("p", "TCP", 80, 31000 + i)
+                .enabled()
+                .with_ranges("10.0.0.0/8")
+        })
+        .collect()
+}
+
+/// Plans with `provider`, asserting nothing.
+async fn plan_with(provider: &dyn Provider, f: &PoolFixture, services: &[ServiceSpec]) -> Plan {
+    let d = desired(&f.config, services, &f.nodes);
+    engine::plan(provider, &f.config, &d).await
+}
+
+/// The plan is the only memory: a new provider instance between every step (plan, apply,
+/// plan again) plans exactly what the long-lived one plans, with 150 Services sharing one
+/// rule, with an invalid Service among them, and with a pool that fails to resolve.
+pub async fn a_fresh_instance_plans_as_a_long_lived_one(h: &dyn Harness) {
+    let f = h.fresh_pool("fresh").await;
+    let mut crowd = crowd();
+    let same = |long: &Plan, fresh: &Plan, when: &str| {
+        if long != fresh {
+            let text = |p: &Plan| serde_json::to_string_pretty(p).unwrap_or_default();
+            let (l, f) = (text(long), text(fresh));
+            let first = l
+                .lines()
+                .zip(f.lines())
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            let around = |t: &str| {
+                t.lines()
+                    .skip(first.saturating_sub(5))
+                    .take(12)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            panic!(
+                "{when}: a new instance planned differently from the long-lived one; long-lived:\n{}\nnew:\n{}",
+                around(&l),
+                around(&f)
+            );
+        }
+    };
+
+    let long = plan_with(h.provider(), &f, &crowd).await;
+    let fresh = plan_with(h.new_instance().await.as_ref(), &f, &crowd).await;
+    same(&long, &fresh, "first plan");
+    assert!(long.summary.add > 0, "nothing to add: {long:#?}");
+    apply_ok_with(h.new_instance().await.as_ref(), &fresh).await;
+
+    let long = plan_with(h.provider(), &f, &crowd).await;
+    let fresh = plan_with(h.new_instance().await.as_ref(), &f, &crowd).await;
+    same(&long, &fresh, "plan after apply");
+    assert_no_writes(&fresh, "plan after apply, in a new instance");
+
+    // One of them breaks its annotation: its port stays open, in every instance.
+    crowd[7] = crowd[7].clone().with_ranges("10.0.0.0/8, not-a-cidr");
+    let long = plan_with(h.provider(), &f, &crowd).await;
+    let fresh = plan_with(h.new_instance().await.as_ref(), &f, &crowd).await;
+    same(&long, &fresh, "plan with an invalid Service");
+    let target = target_of(&fresh, &f);
+    let (before, _) = observed(h, &target).await;
+    apply_ok_with(h.new_instance().await.as_ref(), &fresh).await;
+    let (after, _) = observed(h, &target).await;
+    let port = 31007;
+    let open = |rules: &[Rule]| {
+        rules
+            .iter()
+            .any(|r| r.content.ports.iter().any(|p| p.contains(port)))
+    };
+    assert!(
+        open(&before) && open(&after),
+        "the invalid Service's port closed: {after:#?}"
+    );
+
+    // Its pool stops resolving: nothing is planned on its target, and nothing removed.
+    let mut broken = f.clone();
+    let pool = broken.config.pools.entry(f.pool.clone()).or_default();
+    assert!(
+        pool.set_provider(h.provider().name(), serde_json::json!({"notAField": true})),
+        "no pool section for provider {}",
+        h.provider().name()
+    );
+    let long = plan_with(h.provider(), &broken, &crowd).await;
+    let fresh = plan_with(h.new_instance().await.as_ref(), &broken, &crowd).await;
+    same(&long, &fresh, "plan with a pool that fails to resolve");
+    assert!(
+        fresh
+            .pools
+            .iter()
+            .any(|p| p.name == f.pool && p.error.is_some()),
+        "the pool resolved: {:#?}",
+        fresh.pools
+    );
+    assert_eq!(fresh.summary.remove, 0, "{fresh:#?}");
+}
+
+async fn apply_ok_with(provider: &dyn Provider, plan: &Plan) {
+    for (target, outcome) in testkit::apply(provider, plan).await {
+        match outcome {
+            ApplyOutcome::Applied { .. } | ApplyOutcome::NoChanges => {}
+            other => panic!("apply on {target} failed: {other:?}"),
+        }
+    }
 }
 
 fn ip(s: &str) -> IpNet {

@@ -5,12 +5,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use futures::stream::{self, StreamExt};
 use nodeport_firewall_model::{
-    Config, Desired, Observation, Plan, PoolName, PoolResolution, PoolState, Target, TargetPlan,
+    Config, Desired, Observation, ObservationResult, Plan, PlanError, PoolName, PoolResolution,
+    PoolState, Target, TargetPlan,
 };
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, instrument, warn};
 
-use crate::{ApplyReport, PoolView, Provider, Result};
+use crate::{ApplyReport, Error, PoolView, Provider};
 
 /// How many targets are read or written at once.
 const CONCURRENCY: usize = 8;
@@ -60,6 +61,7 @@ impl Observed {
 /// whose plan would then write (their pools' Services or Nodes changed) or fail are read
 /// again and replanned. A change to one pool therefore reads only that pool's targets, and
 /// the plan still covers every target, so every Service's status is complete.
+#[instrument(skip_all, fields(provider = provider.name()))]
 pub async fn plan_with_cache(
     provider: &dyn Provider,
     config: &Config,
@@ -144,7 +146,10 @@ async fn resolve_one(
             .get(&pool.name)
             .and_then(|p| p.provider(provider.name())),
     };
-    let res = provider.resolve(view).await.map_err(|e| e.to_string());
+    let res = provider
+        .resolve(view)
+        .instrument(info_span!("resolve", pool = %pool.name))
+        .await;
     if let Err(e) = &res {
         warn!(pool = %pool.name, error = %e, "cannot resolve pool target");
     }
@@ -155,10 +160,13 @@ async fn resolve_one(
 async fn observe(
     provider: &dyn Provider,
     targets: Vec<Target>,
-) -> BTreeMap<Target, Result<Observation, String>> {
+) -> BTreeMap<Target, ObservationResult> {
     stream::iter(targets)
         .map(|t| async move {
-            let obs = provider.observe(&t).await.map_err(|e| e.to_string());
+            let obs = provider
+                .observe(&t)
+                .instrument(info_span!("observe", target = %t))
+                .await;
             (t, obs)
         })
         .buffer_unordered(CONCURRENCY)
@@ -171,7 +179,7 @@ fn plan_pure(
     provider: &dyn Provider,
     desired: &Desired,
     resolutions: &BTreeMap<PoolName, PoolResolution>,
-    observations: &BTreeMap<Target, Result<Observation, String>>,
+    observations: &BTreeMap<Target, ObservationResult>,
 ) -> Plan {
     let mut plan = nodeport_firewall_model::plan(
         desired,
@@ -196,19 +204,35 @@ pub enum ApplyOutcome {
     NoChanges,
     /// The plan for this target has an error; nothing was written.
     Refused {
-        error: String,
+        error: PlanError,
     },
     Applied {
         report: ApplyReport,
     },
+    /// The apply failed; `report` is what it wrote before (often nothing).
     Failed {
-        error: String,
+        error: Error,
+        report: ApplyReport,
     },
+}
+
+impl ApplyOutcome {
+    /// What was written, whether or not the apply completed.
+    pub fn written(&self) -> Option<&ApplyReport> {
+        match self {
+            ApplyOutcome::Applied { report } | ApplyOutcome::Failed { report, .. } => Some(report),
+            _ => None,
+        }
+    }
 }
 
 /// Applies every target's plan, concurrently across targets, one writer per target. Targets
 /// whose plan has an error are refused before any write; a failure on one target does not
 /// stop the others.
+///
+/// Every write is checked by [`crate::guard`] against the observation its plan was made
+/// from, which the plan carries (a plan read back from a file: a fresh read).
+#[instrument(skip_all, fields(provider = provider.name(), targets = plan.targets.len()))]
 pub async fn apply(provider: &dyn Provider, plan: &Plan) -> Vec<(Target, ApplyOutcome)> {
     let applying = plan
         .targets
@@ -223,25 +247,46 @@ pub async fn apply(provider: &dyn Provider, plan: &Plan) -> Vec<(Target, ApplyOu
     out
 }
 
+#[instrument(skip_all, fields(target = %tp.target))]
 async fn apply_one(provider: &dyn Provider, tp: &TargetPlan) -> (Target, ApplyOutcome) {
     let outcome = if let Some(e) = &tp.error {
-        ApplyOutcome::Refused {
-            error: e.to_string(),
-        }
+        ApplyOutcome::Refused { error: e.clone() }
     } else if !tp.has_writes() {
         ApplyOutcome::NoChanges
     } else {
-        match provider.apply(tp).await {
-            Ok(report) => {
-                info!(target = %tp.target, added = report.added, removed = report.removed, updated = report.updated, "applied plan");
-                ApplyOutcome::Applied { report }
-            }
-            Err(e) => {
-                warn!(target = %tp.target, error = %e, "apply failed");
+        let guarded = match tp.observed.as_deref() {
+            Some(o) => crate::guard::check(tp, o),
+            None => match provider.observe(&tp.target).await {
+                Ok(o) => crate::guard::check(tp, &o),
+                Err(e) => Err(e),
+            },
+        };
+        match guarded {
+            Err(error) => {
+                warn!(error = %error, "refused before any write");
                 ApplyOutcome::Failed {
-                    error: e.to_string(),
+                    error,
+                    report: ApplyReport::default(),
                 }
             }
+            Ok(()) => match provider.apply(tp).await {
+                Ok(report) => {
+                    info!(
+                        added = report.added,
+                        removed = report.removed,
+                        updated = report.updated,
+                        "applied plan"
+                    );
+                    ApplyOutcome::Applied { report }
+                }
+                Err(f) => {
+                    warn!(error = %f.error, kind = %f.error.kind, added = f.written.added, removed = f.written.removed, updated = f.written.updated, "apply failed");
+                    ApplyOutcome::Failed {
+                        error: f.error,
+                        report: f.written,
+                    }
+                }
+            },
         }
     };
     (tp.target.clone(), outcome)
@@ -305,7 +350,8 @@ mod tests {
         // Nothing seen yet: every target is read once.
         let (plan, reads) = plan_counting(&p, &both, &mut observed).await;
         assert_eq!((reads, plan.summary.add), (2, 2));
-        for (target, outcome) in apply(&p, &plan).await {
+        let outcomes = apply(&p, &plan).await;
+        for (target, outcome) in outcomes {
             assert!(
                 matches!(outcome, ApplyOutcome::Applied { .. }),
                 "{outcome:?}"

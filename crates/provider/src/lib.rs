@@ -7,9 +7,11 @@
 pub mod conformance;
 pub mod engine;
 pub mod error;
+pub mod guard;
 pub mod memory;
 pub mod retry;
 pub mod stats;
+pub mod testkit;
 
 use async_trait::async_trait;
 pub use nodeport_firewall_model as model;
@@ -63,6 +65,46 @@ impl PoolView<'_> {
             Some(v) => serde_json::from_value(v.clone())
                 .map_err(|e| Error::new(ErrorKind::Config, format!("{provider}: {e}"))),
         }
+    }
+}
+
+/// An apply that stopped part-way: what it wrote before `error`, so that totals and metrics
+/// count every write that happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyFailure {
+    pub written: ApplyReport,
+    pub error: Error,
+}
+
+impl ApplyFailure {
+    /// A failure after `written`.
+    pub fn after(written: &ApplyReport, error: Error) -> Self {
+        ApplyFailure {
+            written: written.clone(),
+            error,
+        }
+    }
+}
+
+/// A failure before anything was written.
+impl From<Error> for ApplyFailure {
+    fn from(error: Error) -> Self {
+        ApplyFailure {
+            written: ApplyReport::default(),
+            error,
+        }
+    }
+}
+
+impl std::fmt::Display for ApplyFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let w = &self.written;
+        write!(
+            f,
+            "{} (after {} added, {} changed, {} removed)",
+            self.error, w.added, w.updated, w.removed
+        )
     }
 }
 
@@ -138,9 +180,12 @@ pub trait Provider: Send + Sync {
     /// target per reconcile.
     async fn observe(&self, target: &Target) -> Result<Observation>;
 
-    /// Carries out a target's plan: adds before removes unless the plan says otherwise,
-    /// writes batched per target. Must never remove or change a rule it does not own.
-    async fn apply(&self, plan: &TargetPlan) -> Result<ApplyReport>;
+    /// Carries out a target's plan exactly: in the plan's order (adds before removes unless
+    /// `remove_first`), at the plan's priorities, writes batched per target. Chooses
+    /// nothing: a conflict (a rule gone or taken meanwhile) is reported, and the next plan
+    /// decides. The engine has checked ownership against the observation the plan was made
+    /// from ([`guard`]). A failure part-way says what was written before it.
+    async fn apply(&self, plan: &TargetPlan) -> std::result::Result<ApplyReport, ApplyFailure>;
 
     /// Permission preflight: the cloud permissions the credentials lack on `target`, by
     /// name, found without changing anything. Empty when all checks pass or the provider
@@ -181,6 +226,7 @@ mod tests {
             id: id.map(str::to_string),
             previous: None,
             note: None,
+            priority: None,
         }
     }
 
@@ -193,6 +239,7 @@ mod tests {
             remove_first: false,
             usage: Usage::default(),
             manual: None,
+            observed: None,
         }
     }
 
@@ -215,6 +262,7 @@ mod tests {
             vec![change(Action::Add, None)],
             Some(PlanError::Observe {
                 message: "down".into(),
+                error_kind: ErrorKind::Transient,
             }),
         );
         let e = Writes::of(&errored).unwrap_err();

@@ -2,8 +2,8 @@
 //! offline `plan` and the tests use it. Its state can be saved to and loaded from JSON.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use nodeport_firewall_model::render::NameParts;
@@ -13,7 +13,7 @@ use nodeport_firewall_model::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{ApplyReport, Error, ErrorKind, PoolView, Provider, Result};
+use crate::{ApplyFailure, ApplyReport, Error, ErrorKind, PoolView, Provider, Result};
 
 pub const NAME: &str = "memory";
 
@@ -38,6 +38,7 @@ impl Default for MemoryConfig {
                 max_total_destinations: None,
                 max_rules_reason: None,
                 updates_in_place: true,
+                priorities: None,
             },
             named_rules: true,
         }
@@ -84,7 +85,8 @@ pub struct MemoryProvider {
     cluster: String,
     config: MemoryConfig,
     renderer: ShapeRenderer,
-    state: Mutex<MemoryState>,
+    /// The "cloud": shared by every instance made with [`MemoryProvider::instance`].
+    state: Arc<Mutex<MemoryState>>,
     pub calls: CallCounts,
 }
 
@@ -111,8 +113,17 @@ impl MemoryProvider {
             cluster: cluster.to_string(),
             config,
             renderer,
-            state: Mutex::new(MemoryState::default()),
+            state: Arc::new(Mutex::new(MemoryState::default())),
             calls: CallCounts::default(),
+        }
+    }
+
+    /// A new instance on the same backend, as a second process talking to the same cloud
+    /// would be: it shares the stored rules and nothing else.
+    pub fn instance(&self) -> Self {
+        MemoryProvider {
+            state: Arc::clone(&self.state),
+            ..Self::new(&self.cluster, self.config.clone())
         }
     }
 
@@ -202,27 +213,27 @@ impl Provider for MemoryProvider {
             .map(|rules| {
                 rules
                     .iter()
-                    .map(|r| ObservedRule {
-                        id: Some(r.id.clone()),
-                        rule: r.rule.clone(),
-                        owned: r.owner.as_deref() == Some(self.cluster.as_str()),
+                    .map(|r| {
+                        ObservedRule::new(
+                            Some(r.id.clone()),
+                            r.rule.clone(),
+                            r.owner.as_deref() == Some(self.cluster.as_str()),
+                        )
                     })
                     .collect()
             })
             .unwrap_or_default();
-        Ok(Observation {
-            rules,
-            limits: self.config.limits.clone(),
-        })
+        Ok(Observation::new(rules, self.config.limits.clone()))
     }
 
-    async fn apply(&self, plan: &TargetPlan) -> Result<ApplyReport> {
+    async fn apply(&self, plan: &TargetPlan) -> std::result::Result<ApplyReport, ApplyFailure> {
         self.calls.applies.fetch_add(1, Ordering::Relaxed);
         if let Some(e) = &plan.error {
             return Err(Error::new(
                 ErrorKind::Invalid,
                 format!("refusing a plan with an error: {e}"),
-            ));
+            )
+            .into());
         }
         let mut state = self.lock()?;
         let cluster = self.cluster.clone();
@@ -271,12 +282,12 @@ impl Provider for MemoryProvider {
         }
         for c in plan.of(Action::Add) {
             if let Some(problem) = limits.check_rule(&c.rule) {
-                return Err(Error::new(ErrorKind::Invalid, problem));
+                return Err(Error::new(ErrorKind::Invalid, problem).into());
             }
             if rules.iter().any(|r| r.rule.content == c.rule.content) {
-                return Err(
-                    Error::new(ErrorKind::Conflict, "rule already exists").with_code("Duplicate")
-                );
+                return Err(Error::new(ErrorKind::Conflict, "rule already exists")
+                    .with_code("Duplicate")
+                    .into());
             }
             if let Some(max) = limits.max_rules {
                 let fam = c.rule.content.family;
@@ -289,7 +300,8 @@ impl Provider for MemoryProvider {
                         ErrorKind::QuotaExceeded,
                         format!("target holds {used} rules, limit {max}"),
                     )
-                    .with_code("RulesLimitExceeded"));
+                    .with_code("RulesLimitExceeded")
+                    .into());
                 }
             }
             next_id += 1;
@@ -324,6 +336,9 @@ mod tests {
     impl Harness for MemoryHarness {
         fn provider(&self) -> &dyn Provider {
             &self.provider
+        }
+        async fn new_instance(&self) -> Box<dyn Provider> {
+            Box::new(self.provider.instance())
         }
         async fn fresh_pool(&self, tag: &str) -> conformance::PoolFixture {
             let pool = PoolName::new(format!("pool-{tag}"));
@@ -371,6 +386,7 @@ mod tests {
                 max_total_destinations: None,
                 max_rules_reason: None,
                 updates_in_place: false,
+                priorities: None,
             },
             named_rules: false,
         };

@@ -198,7 +198,8 @@ proptest! {
                 prop_assert!(observed.last_reads <= fresh.targets.len());
 
                 // Apply both, and forget the targets written to, as the controller does.
-                for (target, outcome) in engine::apply(&cached_cloud, &cached).await {
+                let outcomes = engine::apply(&cached_cloud, &cached).await;
+                for (target, outcome) in outcomes {
                     if matches!(outcome, ApplyOutcome::Applied { .. } | ApplyOutcome::Failed { .. }) {
                         observed.forget(&target);
                     }
@@ -254,7 +255,8 @@ proptest! {
                         on_target(&fresh, &tp.target.id)
                     );
                 }
-                for (target, outcome) in engine::apply(&cloud, &cached).await {
+                let outcomes = engine::apply(&cloud, &cached).await;
+                for (target, outcome) in outcomes {
                     prop_assert!(
                         !matches!(outcome, ApplyOutcome::Failed { .. }),
                         "{:?}",

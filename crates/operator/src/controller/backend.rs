@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use nodeport_firewall_provider::{
-    ApplyReport, ManualSteps, Observation, PoolTarget, PoolView, Provider, Render, Result, Target,
-    TargetPlan,
+    ApplyFailure, ApplyReport, ManualSteps, Observation, PoolTarget, PoolView, Provider, Render,
+    Result, Target, TargetPlan,
 };
 use tracing::warn;
 
@@ -33,7 +33,7 @@ impl Provider for Shared {
     async fn observe(&self, target: &Target) -> Result<Observation> {
         self.0.provider().observe(target).await
     }
-    async fn apply(&self, plan: &TargetPlan) -> Result<ApplyReport> {
+    async fn apply(&self, plan: &TargetPlan) -> std::result::Result<ApplyReport, ApplyFailure> {
         let r = self.0.provider().apply(plan).await;
         if let Err(e) = self.0.save_state(self.1.as_deref()) {
             warn!(error = %e, "cannot save the memory provider's state");

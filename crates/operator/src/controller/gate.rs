@@ -1,13 +1,12 @@
-//! A provider wrapper: counts calls for metrics, remembers each target's last error kind,
-//! and refuses writes unless this instance may write (leader, not dry run).
+//! A provider wrapper: counts calls for metrics, and refuses writes unless this instance
+//! may write (leader, not dry run). Error kinds travel in the plan and the apply outcomes.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use nodeport_firewall_provider::{
-    ApplyReport, Error, ErrorKind, ManualSteps, Observation, PoolTarget, PoolView, Provider,
-    Render, Result, Target, TargetPlan,
+    ApplyFailure, ApplyReport, Error, ErrorKind, ManualSteps, Observation, PoolTarget, PoolView,
+    Provider, Render, Result, Target, TargetPlan,
 };
 
 use super::leader::Leadership;
@@ -18,7 +17,6 @@ pub struct Gated {
     leadership: Leadership,
     dry_run: bool,
     metrics: Arc<Metrics>,
-    errors: Mutex<BTreeMap<Target, ErrorKind>>,
 }
 
 impl std::fmt::Debug for Gated {
@@ -42,23 +40,11 @@ impl Gated {
             leadership,
             dry_run,
             metrics,
-            errors: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// The kinds of the errors seen per target since the last call, and forgets them.
-    pub fn take_errors(&self) -> BTreeMap<Target, ErrorKind> {
-        self.errors
-            .lock()
-            .map(|mut e| std::mem::take(&mut *e))
-            .unwrap_or_default()
-    }
-
-    fn count<T>(&self, operation: &str, target: Option<&Target>, r: &Result<T>) {
-        let result = match r {
-            Ok(_) => "ok",
-            Err(e) => e.kind.as_str(),
-        };
+    fn count(&self, operation: &str, failure: Option<&Error>) {
+        let result = failure.map_or("ok", |e| e.kind.as_str());
         self.metrics
             .provider_calls
             .get_or_create(&CallLabels {
@@ -67,11 +53,6 @@ impl Gated {
                 result: result.to_string(),
             })
             .inc();
-        if let (Some(t), Err(e)) = (target, r)
-            && let Ok(mut m) = self.errors.lock()
-        {
-            m.insert(t.clone(), e.kind);
-        }
     }
 }
 
@@ -87,29 +68,30 @@ impl Provider for Gated {
 
     async fn resolve(&self, pool: PoolView<'_>) -> Result<Vec<PoolTarget>> {
         let r = self.inner.resolve(pool).await;
-        self.count("resolve", None, &r);
+        self.count("resolve", r.as_ref().err());
         r
     }
 
     async fn observe(&self, target: &Target) -> Result<Observation> {
         let r = self.inner.observe(target).await;
-        self.count("observe", Some(target), &r);
+        self.count("observe", r.as_ref().err());
         r
     }
 
-    async fn apply(&self, plan: &TargetPlan) -> Result<ApplyReport> {
+    async fn apply(&self, plan: &TargetPlan) -> std::result::Result<ApplyReport, ApplyFailure> {
         if self.dry_run {
-            return Err(Error::new(ErrorKind::Other, "dry run: write skipped"));
+            return Err(Error::new(ErrorKind::Other, "dry run: write skipped").into());
         }
         // Checked right before every target's write: a lost lease stops writes at once.
         if !self.leadership.is_leader() {
             return Err(Error::new(
                 ErrorKind::Conflict,
                 "not the leader (lease lost): write skipped",
-            ));
+            )
+            .into());
         }
         let r = self.inner.apply(plan).await;
-        self.count("apply", Some(&plan.target), &r);
+        self.count("apply", r.as_ref().err().map(|f| &f.error));
         r
     }
 

@@ -416,7 +416,7 @@ impl Loop<'_> {
                 self.observed.forget(target);
             }
         }
-        let kinds = self.gated.take_errors();
+        let kinds = feedback::error_kinds(&plan, applied.as_deref());
         let elapsed = started.elapsed().as_secs_f64();
         let failed = self.record(&plan, applied.as_deref(), elapsed);
         ctx.health.reconciled.store(true, Ordering::SeqCst);

@@ -119,6 +119,25 @@ fn error_reason(kind: Option<ErrorKind>, plan_error: Option<&PlanError>) -> (&'s
     }
 }
 
+/// The kind of what went wrong on each target, from the plan (its error) and the apply
+/// (its failure): the kinds travel with the errors, nothing is remembered on the side.
+pub fn error_kinds(
+    plan: &Plan,
+    applied: Option<&[(Target, ApplyOutcome)]>,
+) -> BTreeMap<Target, ErrorKind> {
+    let mut kinds: BTreeMap<Target, ErrorKind> = plan
+        .targets
+        .iter()
+        .filter_map(|tp| tp.error.as_ref().map(|e| (tp.target.clone(), e.kind())))
+        .collect();
+    for (target, outcome) in applied.into_iter().flatten() {
+        if let ApplyOutcome::Failed { error, .. } = outcome {
+            kinds.insert(target.clone(), error.kind);
+        }
+    }
+    kinds
+}
+
 /// Decides, purely, what each Service is told. `had_condition` says which Services carry our
 /// condition already (their status is updated even when they are no longer managed).
 pub fn decide(out: &Outcome<'_>, had_condition: &BTreeSet<ServiceRef>) -> Vec<ServiceFeedback> {
@@ -270,7 +289,7 @@ fn managed(
         }
         match outcomes.get(&tp.target) {
             Some(ApplyOutcome::Applied { .. }) => changed += writes,
-            Some(ApplyOutcome::Failed { error }) if writes > 0 => {
+            Some(ApplyOutcome::Failed { error, .. }) if writes > 0 => {
                 let (reason, fix) = error_reason(kind, None);
                 problems.push((reason, format!("{}: {error}", tp.target), fix));
             }

@@ -9,7 +9,7 @@ mod publish;
 
 pub use self::decide::{
     CONDITION_TYPE, ConditionState, CurrentCondition, MAX_MESSAGE, Outcome, Report,
-    ServiceFeedback, current_condition, decide, fingerprint_condition,
+    ServiceFeedback, current_condition, decide, error_kinds, fingerprint_condition,
 };
 pub(crate) use self::decide::{fingerprint, truncate};
 pub use self::publish::{FIELD_MANAGER, PUBLISH_CONCURRENCY, Publisher};

@@ -1,21 +1,31 @@
 //! The planner: per target, compare the desired rules with the rules observed there and
-//! decide what to add, remove, change or keep.
+//! decide what to add, remove, change or keep, in which order, under which limits.
+//!
+//! `plan_target` is three steps, one module each: [`matching`] (which observed rule each
+//! wanted rule is, and what is kept, added or removed), [`quota`] (the target's limits
+//! after the plan) and [`ordering`] (notes, order, priorities).
+
+mod matching;
+mod ordering;
+mod quota;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use rustc_hash::FxHashMap as HashMap;
 use std::fmt;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::desired::{Desired, Grant, ServiceReport};
+use crate::failure::{ErrorKind, Failure};
 use crate::net::IpFamily;
 use crate::node::PoolName;
 use crate::render::{Render, RenderContext};
-use crate::rule::{Rule, RuleContent};
+use crate::rule::Rule;
 use crate::set::PoolSet;
-pub use crate::target::{Observation, ObservedRule, PoolResolution, PoolTarget, Target};
+pub use crate::target::{
+    Observation, ObservationResult, ObservedRule, PoolResolution, PoolTarget, Target,
+};
 
 /// The version of the JSON plan schema (docs/plan-format.md).
 pub const PLAN_FORMAT_VERSION: u32 = 1;
@@ -56,6 +66,10 @@ pub struct Change {
     pub previous: Option<Rule>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The rule's priority, where the target orders rules by one (Azure): observed for a
+    /// rule that exists, chosen by the planner for an add. Executors write exactly this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
 }
 
 /// Why a target's plan cannot be applied. Reported before any write.
@@ -88,7 +102,42 @@ pub enum PlanError {
     /// A rendered rule breaks a per-rule limit (a renderer bug, caught before the cloud does).
     RuleShape { message: String },
     /// The provider could not read the target.
-    Observe { message: String },
+    Observe {
+        message: String,
+        /// The failure's kind (`permission_denied`, `throttled`, ...).
+        #[serde(default)]
+        error_kind: ErrorKind,
+    },
+    /// Not enough free priorities in the range our rules may take (Azure's priority band).
+    Priorities {
+        adds: usize,
+        free: usize,
+        from: u32,
+        to: u32,
+    },
+}
+
+impl PlanError {
+    /// A target that could not be read, keeping the failure's kind.
+    pub fn observe(failure: &Failure) -> Self {
+        PlanError::Observe {
+            message: failure.to_string(),
+            error_kind: failure.kind,
+        }
+    }
+
+    /// The kind of failure behind this error: a quota for the quota errors, the read's
+    /// failure for `Observe`, invalid for a rule the renderer got wrong.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            PlanError::RuleQuota { .. }
+            | PlanError::SourceQuota { .. }
+            | PlanError::DestinationQuota { .. }
+            | PlanError::Priorities { .. } => ErrorKind::QuotaExceeded,
+            PlanError::RuleShape { .. } => ErrorKind::Invalid,
+            PlanError::Observe { error_kind, .. } => *error_kind,
+        }
+    }
 }
 
 impl fmt::Display for PlanError {
@@ -131,7 +180,16 @@ impl fmt::Display for PlanError {
                 ours + foreign
             ),
             PlanError::RuleShape { message } => write!(f, "invalid rule: {message}"),
-            PlanError::Observe { message } => write!(f, "cannot read target: {message}"),
+            PlanError::Observe { message, .. } => write!(f, "cannot read target: {message}"),
+            PlanError::Priorities {
+                adds,
+                free,
+                from,
+                to,
+            } => write!(
+                f,
+                "{adds} new rules need a priority, but only {free} of {from}-{to} are free"
+            ),
         }
     }
 }
@@ -163,6 +221,10 @@ pub struct TargetPlan {
     /// network admin). Filled in by the provider after planning, never by the planner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manual: Option<ManualSteps>,
+    /// The observation this plan was made from, for the ownership guard before a write.
+    /// Not serialised: a plan read back from a file is guarded against a fresh read.
+    #[serde(skip)]
+    pub observed: Option<Arc<Observation>>,
 }
 
 /// Commands a person with more rights than the operator runs to carry out a target's writes.
@@ -199,6 +261,9 @@ pub struct PoolReport {
     pub targets: Vec<PoolTarget>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The kind of `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<ErrorKind>,
 }
 
 /// Totals over all targets.
@@ -254,7 +319,7 @@ pub fn plan(
     desired: &Desired,
     provider: &str,
     resolutions: &BTreeMap<PoolName, PoolResolution>,
-    observations: &BTreeMap<Target, Result<Observation, String>>,
+    observations: &BTreeMap<Target, ObservationResult>,
     renderer: &dyn Render,
 ) -> Plan {
     let failed_pools: BTreeSet<&PoolName> = resolutions
@@ -306,7 +371,11 @@ pub fn plan(
                 _ => Vec::new(),
             },
             error: match resolutions.get(&p.name) {
-                Some(Err(e)) => Some(e.clone()),
+                Some(Err(e)) => Some(e.to_string()),
+                _ => None,
+            },
+            error_kind: match resolutions.get(&p.name) {
+                Some(Err(e)) => Some(e.kind),
                 _ => None,
             },
         })
@@ -355,25 +424,17 @@ fn plan_one(
     desired: &Desired,
     target: &Target,
     scopes: &ScopePools<'_>,
-    observation: Option<&Result<Observation, String>>,
+    observation: Option<&ObservationResult>,
     renderer: &dyn Render,
     failed_pools: &BTreeSet<&PoolName>,
 ) -> TargetPlan {
     let pools: BTreeSet<PoolName> = scopes.values().flatten().cloned().collect();
     let observation = match observation {
         Some(Ok(o)) => o,
-        Some(Err(message)) => {
-            return errored(
-                target,
-                pools,
-                PlanError::Observe {
-                    message: message.clone(),
-                },
-            );
-        }
+        Some(Err(failure)) => return errored(target, pools, PlanError::observe(failure)),
         None => {
-            let message = "not observed".to_string();
-            return errored(target, pools, PlanError::Observe { message });
+            let failure = Failure::new(ErrorKind::Other, "not observed");
+            return errored(target, pools, PlanError::observe(&failure));
         }
     };
     let mut want = Vec::new();
@@ -423,16 +484,7 @@ fn errored(target: &Target, pools: BTreeSet<PoolName>, error: PlanError) -> Targ
         remove_first: false,
         usage: Usage::default(),
         manual: None,
-    }
-}
-
-fn change(action: Action, rule: Rule, id: Option<String>) -> Change {
-    Change {
-        action,
-        rule,
-        id,
-        previous: None,
-        note: None,
+        observed: None,
     }
 }
 
@@ -440,266 +492,30 @@ fn change(action: Action, rule: Rule, id: Option<String>) -> Change {
 pub fn plan_target(
     target: &Target,
     pools: BTreeSet<PoolName>,
-    mut want: Vec<Rule>,
+    want: Vec<Rule>,
     observation: &Observation,
     desired: &Desired,
     failed_pools: &BTreeSet<&PoolName>,
     renderer: &dyn Render,
 ) -> TargetPlan {
-    // Invalid Services' rules are kept; closed Services' rules go, and the plan says why.
-    let pinned_services = &desired.pinned;
-    let closed_services = &desired.closed;
-    want.sort_unstable_by(|a, b| a.content.cmp(&b.content));
-    want.dedup_by(|a, b| a.content == b.content);
-    let limits = &observation.limits;
-
-    let (owned, foreign): (Vec<&ObservedRule>, Vec<&ObservedRule>) =
-        observation.rules.iter().partition(|r| r.owned);
-    let pin_reason = |r: &ObservedRule| -> Option<String> {
-        if let Some(s) = r
-            .rule
-            .services
-            .iter()
-            .find(|s| pinned_services.contains(*s))
-        {
-            return Some(format!("kept: {s} has invalid annotations"));
-        }
-        r.rule
-            .pools
-            .iter()
-            .find(|p| failed_pools.contains(p))
-            .map(|p| format!("kept: pool {p} could not be resolved"))
+    let inputs = matching::Inputs {
+        observation,
+        desired,
+        failed_pools,
+        renderer,
     };
-
-    let mut changes = Vec::new();
-    let mut matched = vec![false; owned.len()];
-    let mut pinned_content: BTreeSet<RuleContent> = BTreeSet::new();
-    let mut pinned_names: BTreeSet<&str> = BTreeSet::new();
-    for (i, r) in owned.iter().enumerate() {
-        let Some(reason) = pin_reason(r) else {
-            continue;
-        };
-        matched[i] = true;
-        if let Some(n) = &r.rule.name {
-            pinned_names.insert(n);
-        }
-        match crate::narrow::narrow(&r.rule, desired) {
-            None => {
-                pinned_content.insert(r.rule.content.clone());
-                let mut c = change(Action::Keep, r.rule.clone(), r.id.clone());
-                c.note = Some(reason);
-                changes.push(c);
-            }
-            // What the policy closes goes even from a kept rule; the rest stays kept.
-            Some(n) => {
-                let closed = format!("closed: {}", n.why.join("; "));
-                if n.rule.content.ports.is_empty() {
-                    let mut c = change(Action::Remove, r.rule.clone(), r.id.clone());
-                    c.note = Some(closed);
-                    changes.push(c);
-                } else if r.rule.name.is_some() && limits.updates_in_place {
-                    pinned_content.insert(n.rule.content.clone());
-                    let mut c = change(Action::Update, n.rule, r.id.clone());
-                    c.previous = Some(r.rule.clone());
-                    c.note = Some(format!("{closed}; the rest is {reason}"));
-                    changes.push(c);
-                } else {
-                    pinned_content.insert(n.rule.content.clone());
-                    let mut rest = n.rule;
-                    if let Some(name) = &rest.name {
-                        rest.name = Some(format!("{name}-n"));
-                    }
-                    let mut add = change(Action::Add, rest, None);
-                    add.note = Some(format!(
-                        "the part of {{{}}} that stays {reason}",
-                        r.id.as_deref().unwrap_or("?")
-                    ));
-                    changes.push(add);
-                    let mut c = change(Action::Remove, r.rule.clone(), r.id.clone());
-                    c.note = Some(closed);
-                    changes.push(c);
-                }
-            }
-        }
+    let mut changes = matching::match_rules(want, &inputs);
+    ordering::note_closed(&mut changes, &desired.closed);
+    ordering::sort(&mut changes);
+    let quota::Verdict {
+        mut error,
+        usage,
+        mut remove_first,
+    } = quota::check(&changes, observation, renderer);
+    if let Some(range) = observation.limits.priorities {
+        let placed = ordering::place(&mut changes, observation, range, &mut remove_first);
+        error = error.or(placed);
     }
-    let mut by_name: HashMap<&str, usize> = HashMap::default();
-    let mut by_content: HashMap<&RuleContent, Vec<usize>> = HashMap::default();
-    for (i, r) in owned.iter().enumerate() {
-        if matched[i] {
-            continue;
-        }
-        if let Some(n) = &r.rule.name {
-            by_name.insert(n, i);
-        }
-        by_content.entry(&r.rule.content).or_default().push(i);
-    }
-    let foreign_content: HashMap<&RuleContent, &ObservedRule> =
-        foreign.iter().map(|r| (&r.rule.content, *r)).collect();
-
-    for mut rule in want {
-        // A named rule is the same rule as the observed one of that name.
-        if let Some(i) = rule.name.as_deref().and_then(|n| by_name.get(n)).copied()
-            && !matched[i]
-            && (owned[i].rule.content == rule.content || limits.updates_in_place)
-        {
-            matched[i] = true;
-            changes.push(same_or_update(rule, owned[i]));
-            continue;
-        }
-        // Otherwise a rule with the same content is the same rule.
-        if let Some(i) = by_content
-            .get(&rule.content)
-            .and_then(|c| c.iter().find(|&&i| !matched[i]))
-            .copied()
-        {
-            matched[i] = true;
-            let old = owned[i];
-            // Keep the observed name: it is what the cloud knows the rule by.
-            rule.name = old.rule.name.clone();
-            changes.push(same_or_update(rule, old));
-            continue;
-        }
-        if pinned_content.contains(&rule.content) {
-            continue; // served by a kept rule with exactly this content
-        }
-        if let Some(f) = foreign_content.get(&rule.content) {
-            let mut c = change(Action::SatisfiedByForeign, rule, f.id.clone());
-            c.note = Some(
-                "already allowed by a rule nodeport-firewall does not own; left as is".to_string(),
-            );
-            changes.push(c);
-            continue;
-        }
-        if let Some(name) = rule.name.clone()
-            && (pinned_names.contains(name.as_str()) || by_name.contains_key(name.as_str()))
-        {
-            // The name is held by a kept rule (or by one that cannot be updated in place):
-            // add under a derived name rather than touch it.
-            rule.name = Some(format!("{name}-n"));
-        }
-        changes.push(change(Action::Add, rule, None));
-    }
-    for (i, r) in owned.iter().enumerate() {
-        if !matched[i] {
-            changes.push(change(Action::Remove, r.rule.clone(), r.id.clone()));
-        }
-    }
-    // A removal because the policy closed a Service says so: it is not a silent removal.
-    if !closed_services.is_empty() {
-        for c in changes
-            .iter_mut()
-            .filter(|c| matches!(c.action, Action::Remove | Action::Update))
-        {
-            let was = match c.action {
-                Action::Remove => Some(&c.rule),
-                _ => c.previous.as_ref(),
-            };
-            let why: Vec<String> = was
-                .into_iter()
-                .flat_map(|r| r.services.iter())
-                .filter(|s| !(c.action == Action::Update && c.rule.services.contains(*s)))
-                .filter_map(|s| closed_services.get(s).map(|why| format!("{s}: {why}")))
-                .collect();
-            if !why.is_empty() && c.note.is_none() {
-                c.note = Some(format!("closed: {}", why.join("; ")));
-            }
-        }
-    }
-    // Removes, updates, adds, then the rest; each group by content. One sort: changes are
-    // large to move.
-    let rank = |a: Action| match a {
-        Action::Remove => 0u8,
-        Action::Update => 1,
-        Action::Add => 2,
-        other => 3 + other as u8,
-    };
-    changes.sort_unstable_by(|a, b| {
-        (rank(a.action), &a.rule.content, &a.rule.name, &a.id).cmp(&(
-            rank(b.action),
-            &b.rule.content,
-            &b.rule.name,
-            &b.id,
-        ))
-    });
-
-    // Limits, counted on the state after the plan.
-    let mut error = changes
-        .iter()
-        .filter(|c| matches!(c.action, Action::Add | Action::Update))
-        .find_map(|c| limits.check_rule(&c.rule))
-        .map(|message| PlanError::RuleShape { message });
-    let after: Vec<&Rule> = changes
-        .iter()
-        .filter(|c| {
-            matches!(
-                c.action,
-                Action::Add | Action::Update | Action::Unchanged | Action::Keep
-            )
-        })
-        .map(|c| &c.rule)
-        .collect();
-    let families: Vec<Option<IpFamily>> = if limits.rules_counted_per_family {
-        vec![Some(IpFamily::V4), Some(IpFamily::V6)]
-    } else {
-        vec![None]
-    };
-    let in_family = |r: &Rule, f: Option<IpFamily>| f.is_none_or(|f| r.content.family == f);
-    let mut remove_first = false;
-    let mut usage = Usage {
-        ours: after.len(),
-        foreign: foreign.len(),
-        limit: limits.max_rules,
-    };
-    if let Some(limit) = limits.max_rules {
-        for fam in families {
-            let ours = after.iter().filter(|r| in_family(r, fam)).count();
-            let theirs = foreign.iter().filter(|r| in_family(&r.rule, fam)).count();
-            if ours + theirs > limit && error.is_none() {
-                error = Some(PlanError::RuleQuota {
-                    family: fam,
-                    ours,
-                    foreign: theirs,
-                    limit,
-                    reason: limits.max_rules_reason.clone(),
-                });
-            }
-            let now = owned.iter().filter(|r| in_family(&r.rule, fam)).count();
-            let adds = changes
-                .iter()
-                .filter(|c| c.action == Action::Add && in_family(&c.rule, fam))
-                .count();
-            let removes = changes
-                .iter()
-                .filter(|c| c.action == Action::Remove && in_family(&c.rule, fam))
-                .count();
-            if now + adds + theirs > limit && removes > 0 {
-                remove_first = true;
-            }
-        }
-    }
-    if let Some(limit) = limits.max_total_sources {
-        let ours: usize = after.iter().map(|r| r.content.sources.len()).sum();
-        let theirs: usize = foreign.iter().map(|r| r.rule.content.sources.len()).sum();
-        if ours + theirs > limit && error.is_none() {
-            error = Some(PlanError::SourceQuota {
-                ours,
-                foreign: theirs,
-                limit,
-            });
-        }
-    }
-    if let Some(limit) = limits.max_total_destinations {
-        let ours: usize = after.iter().map(|r| renderer.destinations(r)).sum();
-        let theirs: usize = foreign.iter().map(|r| renderer.destinations(&r.rule)).sum();
-        if ours + theirs > limit && error.is_none() {
-            error = Some(PlanError::DestinationQuota {
-                ours,
-                foreign: theirs,
-                limit,
-            });
-        }
-    }
-    usage.ours = after.len();
     TargetPlan {
         target: target.clone(),
         pools,
@@ -708,15 +524,9 @@ pub fn plan_target(
         remove_first,
         usage,
         manual: None,
+        observed: Some(Arc::new(observation.clone())),
     }
 }
 
-fn same_or_update(rule: Rule, old: &ObservedRule) -> Change {
-    if rule == old.rule {
-        change(Action::Unchanged, rule, old.id.clone())
-    } else {
-        let mut c = change(Action::Update, rule, old.id.clone());
-        c.previous = Some(old.rule.clone());
-        c
-    }
-}
+#[cfg(test)]
+mod tests;
