@@ -4,17 +4,15 @@
 //! updates (EC2 rules cannot change ports or sources in place) only rewrite a rule's marker:
 //! its description and tags. A duplicate or an already revoked rule is noted, not an error.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use aws_sdk_ec2::types::{IpPermission, SecurityGroupRuleUpdate, Tag};
-use nodeport_firewall_model::{Change, Rule, Target, TargetPlan};
-use nodeport_firewall_provider::{
-    ApplyFailure, ApplyReport, Error, ErrorKind, Provider, Result, Writes,
-};
+use nodeport_firewall_model::{Change, Rule, TargetPlan};
+use nodeport_firewall_provider::{ApplyFailure, ApplyReport, Error, ErrorKind, Result, Writes};
 use tracing::debug;
 
 use crate::client::TagOp;
-use crate::wire::{Seen, modify_request, permission, rule_text, tag_spec};
+use crate::wire::{Written, modify_request, permission, rule_text, tag_spec};
 use crate::{AwsProvider, invalid, marker};
 
 /// The tags of a rule, as (key, value).
@@ -30,51 +28,19 @@ impl AwsProvider {
             removes,
             updates,
             adds,
-            existing: ids,
+            ..
         } = Writes::of(plan)?;
         let group = plan.target.id.as_str();
 
-        // Never change a rule that is not ours: check every id against what EC2 said.
-        let seen = if ids.is_empty() {
-            HashMap::new()
-        } else {
-            self.seen_rules(&plan.target, &ids).await?
-        };
-        for id in &ids {
-            if seen.get(*id).is_some_and(|s| !s.owned) {
-                return Err(invalid(format!(
-                    "rule {id} on {group} is not owned by cluster {}; refusing to change it",
-                    self.cluster
-                ))
-                .into());
-            }
-        }
-        let gone: HashSet<&str> = ids
-            .iter()
-            .copied()
-            .filter(|id| !seen.contains_key(*id))
-            .collect();
-        let removes: Vec<&Change> = removes
-            .into_iter()
-            .filter(|c| !c.id.as_deref().is_some_and(|id| gone.contains(id)))
-            .collect();
-        let updates: Vec<&Change> = updates
-            .into_iter()
-            .filter(|c| !c.id.as_deref().is_some_and(|id| gone.contains(id)))
-            .collect();
-
+        // Ownership was checked against the observation the plan was made from (the
+        // engine's guard); what an update needs to know of each rule is in the plan.
         let mut report = ApplyReport::default();
-        for id in &gone {
-            report.notes.push(format!(
-                "rule {id} on {group} no longer exists; nothing to do"
-            ));
-        }
         let result = async {
             if plan.remove_first {
                 self.revoke(group, &removes, &mut report).await?;
             }
             if !updates.is_empty() {
-                self.update(group, &updates, &seen, &mut report).await?;
+                self.update(group, &updates, &mut report).await?;
             }
             if !adds.is_empty() {
                 self.authorize(group, &adds, &mut report).await?;
@@ -85,36 +51,8 @@ impl AwsProvider {
             Ok::<(), Error>(())
         }
         .await;
-        self.forget_seen(group);
         result.map_err(|e| ApplyFailure::after(&report, e))?;
         Ok(report)
-    }
-
-    /// The last observation of `group`'s rules, re-read when it does not know all of `ids`.
-    async fn seen_rules(&self, target: &Target, ids: &[&str]) -> Result<HashMap<String, Seen>> {
-        let cached = self
-            .seen
-            .lock()
-            .ok()
-            .and_then(|s| s.get(&target.id).cloned());
-        if let Some(seen) = cached
-            && ids.iter().all(|id| seen.contains_key(*id))
-        {
-            return Ok(seen);
-        }
-        self.observe(target).await?;
-        Ok(self
-            .seen
-            .lock()
-            .ok()
-            .and_then(|s| s.get(&target.id).cloned())
-            .unwrap_or_default())
-    }
-
-    fn forget_seen(&self, group: &str) {
-        if let Ok(mut s) = self.seen.lock() {
-            s.remove(group);
-        }
     }
 
     async fn authorize(
@@ -240,7 +178,6 @@ impl AwsProvider {
         &self,
         group: &str,
         updates: &[&Change],
-        seen: &HashMap<String, Seen>,
         report: &mut ApplyReport,
     ) -> Result<()> {
         let mut modify: Vec<SecurityGroupRuleUpdate> = Vec::new();
@@ -264,7 +201,7 @@ impl AwsProvider {
                     c.rule.services.len()
                 )));
             }
-            let old = seen.get(&id);
+            let old = Written::of(c.payload.as_ref());
             let pools_changed = previous.is_none_or(|p| p.pools != c.rule.pools);
             let mut want = m.service_tags.clone();
             if pools_changed {
@@ -275,13 +212,13 @@ impl AwsProvider {
             }
             let keep: HashSet<&str> = want.iter().map(|(k, _)| k.as_str()).collect();
             let stale: Vec<String> = old
-                .map(|s| s.list_tag_keys.clone())
-                .unwrap_or_default()
-                .into_iter()
+                .tag_keys
+                .iter()
+                .cloned()
                 .filter(|k| !keep.contains(k.as_str()))
                 .filter(|k| pools_changed || !marker::is_list_tag(k, marker::TAG_POOLS))
                 .collect();
-            if old.and_then(|s| s.description.as_deref()) != Some(m.description.as_str()) {
+            if old.description.as_deref() != Some(m.description.as_str()) {
                 modify.push(modify_request(&id, &c.rule, &m.description)?);
             }
             if !want.is_empty() {

@@ -40,7 +40,6 @@ pub use config::{AwsConfig, AwsPoolConfig, RetrySettings};
 pub use stats::{CallStats, OpStats};
 
 use resolve::CacheKey;
-use wire::Seen;
 
 pub const NAME: &str = "aws";
 
@@ -68,7 +67,6 @@ pub struct AwsProvider {
     retry: RetryPolicy,
     renderer: ShapeRenderer,
     resolutions: Mutex<HashMap<CacheKey, (Instant, Vec<String>)>>,
-    seen: Mutex<HashMap<String, HashMap<String, Seen>>>,
     stats: CallStats,
 }
 
@@ -151,7 +149,6 @@ impl AwsProvider {
             client,
             renderer: ShapeRenderer::unnamed(),
             resolutions: Mutex::new(HashMap::new()),
-            seen: Mutex::new(HashMap::new()),
             stats: CallStats::new(stats::kind),
         })
     }
@@ -197,24 +194,14 @@ impl Provider for AwsProvider {
 
     async fn observe(&self, target: &Target) -> Result<Observation> {
         let group = target.id.as_str();
-        let mut rules = Vec::new();
-        let mut seen = HashMap::new();
-        for r in &self.list_rules(group).await? {
-            if r.is_egress() == Some(true) {
-                continue;
-            }
-            if r.group_id().is_some_and(|g| g != group) {
-                continue;
-            }
-            let (observed, s) = self.to_observed(r);
-            if let Some(id) = &observed.id {
-                seen.insert(id.clone(), s);
-            }
-            rules.push(observed);
-        }
-        if let Ok(mut s) = self.seen.lock() {
-            s.insert(group.to_string(), seen);
-        }
+        let rules = self
+            .list_rules(group)
+            .await?
+            .iter()
+            .filter(|r| r.is_egress() != Some(true))
+            .filter(|r| r.group_id().is_none_or(|g| g == group))
+            .map(|r| self.to_observed(r))
+            .collect();
         Ok(Observation::new(rules, self.limits()))
     }
 

@@ -140,12 +140,9 @@ impl AwsProvider {
         };
         verdict("RevokeSecurityGroupIngress", r, &mut missing);
         if let (Some(id), Some(rule)) = (&own_id, &own) {
-            let seen = self
-                .seen
-                .lock()
-                .ok()
-                .and_then(|s| s.get(group).and_then(|m| m.get(id).cloned()));
-            let description = seen.and_then(|s| s.description).unwrap_or_default();
+            let description = crate::wire::Written::of(rule.payload.as_ref())
+                .description
+                .unwrap_or_default();
             if let Ok(update) = modify_request(id, &rule.rule, &description) {
                 let r = self
                     .call("DryRun:ModifySecurityGroupRules", || {

@@ -31,6 +31,7 @@ impl AwsProvider {
                 .map(|g| PoolTarget {
                     target: Target::new(NAME, g),
                     scope: None,
+                    payload: None,
                 })
                 .collect::<Vec<_>>()
         };

@@ -13,18 +13,30 @@ use nodeport_firewall_provider::Result;
 
 use crate::{AwsProvider, invalid, marker};
 
-/// What the last observation of a target said about one rule.
-#[derive(Debug, Clone)]
-pub(crate) struct Seen {
-    pub(crate) owned: bool,
-    pub(crate) list_tag_keys: Vec<String>,
+/// What an update of one of our rules needs to know about it as observed: the list tags it
+/// carries (stale ones are deleted) and its description (rewritten only when it changes).
+/// It travels in the observation and the plan as the rule's payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Written {
+    pub(crate) tag_keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) description: Option<String>,
+}
+
+impl Written {
+    /// The payload of a plan's change; empty when it has none (nothing is known).
+    pub(crate) fn of(payload: Option<&serde_json::Value>) -> Self {
+        payload
+            .and_then(|p| serde_json::from_value(p.clone()).ok())
+            .unwrap_or_default()
+    }
 }
 
 impl AwsProvider {
     /// Maps one EC2 rule to a neutral rule. Rules that are not a single CIDR with TCP, UDP
     /// or SCTP are never ours; they are kept, with no sources, for the quota count.
-    pub(crate) fn to_observed(&self, r: &SecurityGroupRule) -> (ObservedRule, Seen) {
+    pub(crate) fn to_observed(&self, r: &SecurityGroupRule) -> ObservedRule {
         let protocol = match r.ip_protocol().unwrap_or_default() {
             "tcp" | "6" => Some(Protocol::Tcp),
             "udp" | "17" => Some(Protocol::Udp),
@@ -77,14 +89,19 @@ impl AwsProvider {
                 Default::default()
             },
         };
-        (
-            ObservedRule::new(r.security_group_rule_id().map(str::to_string), rule, owned),
-            Seen {
-                owned,
-                list_tag_keys: parsed.list_tag_keys,
-                description: r.description().map(str::to_string),
-            },
-        )
+        let payload = owned
+            .then(|| {
+                serde_json::to_value(Written {
+                    tag_keys: parsed.list_tag_keys,
+                    description: r.description().map(str::to_string),
+                })
+                .ok()
+            })
+            .flatten();
+        ObservedRule {
+            payload,
+            ..ObservedRule::new(r.security_group_rule_id().map(str::to_string), rule, owned)
+        }
     }
 }
 

@@ -131,6 +131,7 @@ impl AzureProvider {
         Ok(vec![PoolTarget {
             target: Target::new(NAME, &nsg.id()),
             scope: Some(destination.scope()),
+            payload: None,
         }])
     }
 

@@ -15,7 +15,6 @@ use nodeport_firewall_provider::{ApplyFailure, ApplyReport, Error, ErrorKind, Re
 use tracing::{info, warn};
 
 use crate::GcpProvider;
-use crate::network_admin::NetworkAdmin;
 
 impl GcpProvider {
     /// Carries out `plan`'s writes.
@@ -59,18 +58,10 @@ impl GcpProvider {
         }
         match failure {
             None => {
-                if let Ok(mut n) = self.network_admin.lock()
-                    && n.get(&target.id) == Some(&NetworkAdmin::Forbidden)
-                {
-                    n.remove(&target.id);
-                }
                 info!(target = %target, added = report.added, updated = report.updated, removed = report.removed, "applied firewall changes");
                 Ok(report)
             }
             Some(mut e) if e.kind == ErrorKind::PermissionDenied => {
-                if let Ok(mut n) = self.network_admin.lock() {
-                    n.insert(target.id.clone(), NetworkAdmin::Forbidden);
-                }
                 let pending: Vec<&Change> = all
                     .iter()
                     .enumerate()

@@ -43,7 +43,6 @@ pub use config::{GcpConfig, GcpPoolConfig, RetrySettings};
 pub use marker::Scope;
 pub use stats::{CallStats, OpStats};
 
-use network_admin::NetworkAdmin;
 use resolve::{CacheKey, InstanceMap};
 
 pub const NAME: &str = "gcp";
@@ -70,8 +69,6 @@ pub struct GcpProvider {
     resolutions: Mutex<HashMap<CacheKey, (Instant, Scope)>>,
     /// Every instance of a project, read once for all pools resolved together.
     instance_cache: tokio::sync::Mutex<HashMap<String, (Instant, Arc<InstanceMap>)>>,
-    /// Targets whose writes a network admin may have to make, by target id.
-    network_admin: Mutex<HashMap<String, NetworkAdmin>>,
     stats: CallStats,
 }
 
@@ -197,7 +194,6 @@ impl GcpProvider {
             instances,
             renderer: render::GcpRenderer::new(),
             resolutions: Mutex::new(HashMap::new()),
-            network_admin: Mutex::new(HashMap::new()),
             instance_cache: tokio::sync::Mutex::new(HashMap::new()),
             stats: CallStats::new(stats::kind),
         })

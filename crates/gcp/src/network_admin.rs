@@ -1,7 +1,7 @@
 //! When this provider's writes may need someone else: in a Shared VPC the network (and its
 //! firewall rules) belongs to the host project, and a write refused with 403 means the
-//! credentials may not write there. Remembers which targets are in either case, and gives
-//! the `gcloud` commands a network admin runs to carry out a plan's writes instead.
+//! credentials may not write there. Resolving finds the first case and the plan carries it;
+//! this gives the `gcloud` commands a network admin runs to carry out a plan's writes.
 
 use std::collections::BTreeSet;
 
@@ -9,57 +9,45 @@ use nodeport_firewall_model::{Action, Change, ManualSteps, NodeSpec, Target, Tar
 
 use crate::{GcpProvider, Scope, discovery};
 
-/// Why a target's writes may need a network admin.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum NetworkAdmin {
-    /// The network is in another project than the pool's instances (Shared VPC).
-    SharedVpc { service_projects: BTreeSet<String> },
-    /// A write was refused with 403 since the last successful apply.
-    Forbidden,
+/// The payload a pool target carries when its network is in another project than the
+/// pool's instances (a Shared VPC, where writes usually need the host project's network
+/// admin): `shared-vpc:<service project>,...`. `None` otherwise.
+pub(crate) fn shared_vpc(project: &str, nodes: &[NodeSpec]) -> Option<String> {
+    let service_projects: BTreeSet<String> = nodes
+        .iter()
+        .filter_map(|n| {
+            n.provider_id
+                .as_deref()
+                .and_then(discovery::parse_provider_id)
+        })
+        .map(|(p, _, _)| p.to_string())
+        .filter(|p| p != project)
+        .collect();
+    (!service_projects.is_empty()).then(|| {
+        format!(
+            "{SHARED_VPC}{}",
+            service_projects.into_iter().collect::<Vec<_>>().join(",")
+        )
+    })
 }
 
+const SHARED_VPC: &str = "shared-vpc:";
+
 impl GcpProvider {
-    /// Remembers a target whose network is in another project than the pool's instances:
-    /// a Shared VPC, where writes usually need the host project's network admin.
-    pub(crate) fn note_shared_vpc(&self, target: &Target, project: &str, nodes: &[NodeSpec]) {
-        let service_projects: BTreeSet<String> = nodes
+    /// In a Shared VPC (as resolving found and the plan carries), the `gcloud` commands the
+    /// host project's network admin runs, as the GCE cloud provider prints them. Pure: a
+    /// write refused with 403 says the same in its error, and is not remembered.
+    pub(crate) fn network_admin_steps(&self, plan: &TargetPlan) -> Option<ManualSteps> {
+        let service_projects: BTreeSet<&str> = plan
+            .resolved
             .iter()
-            .filter_map(|n| {
-                n.provider_id
-                    .as_deref()
-                    .and_then(discovery::parse_provider_id)
-            })
-            .map(|(p, _, _)| p.to_string())
-            .filter(|p| p != project)
+            .filter_map(|p| p.strip_prefix(SHARED_VPC))
+            .flat_map(|list| list.split(','))
+            .filter(|p| !p.is_empty())
             .collect();
         if service_projects.is_empty() {
-            return;
+            return None;
         }
-        if let Ok(mut n) = self.network_admin.lock() {
-            match n.get_mut(&target.id) {
-                Some(NetworkAdmin::Forbidden) => {}
-                Some(NetworkAdmin::SharedVpc {
-                    service_projects: known,
-                }) => known.extend(service_projects),
-                None => {
-                    n.insert(
-                        target.id.clone(),
-                        NetworkAdmin::SharedVpc { service_projects },
-                    );
-                }
-            }
-        }
-    }
-
-    /// In a Shared VPC, or after a write was refused with 403, the `gcloud` commands the
-    /// host project's network admin runs, as the GCE cloud provider prints them.
-    pub(crate) fn network_admin_steps(&self, plan: &TargetPlan) -> Option<ManualSteps> {
-        let why = self
-            .network_admin
-            .lock()
-            .ok()?
-            .get(&plan.target.id)
-            .cloned()?;
         let (project, _) = Self::split_target(&plan.target).ok()?;
         let writes: Vec<&Change> = plan
             .changes
@@ -70,15 +58,10 @@ impl GcpProvider {
         if commands.is_empty() {
             return None;
         }
-        let reason = match why {
-            NetworkAdmin::SharedVpc { service_projects } => format!(
-                "Shared VPC: the network is in host project {project}, the nodes in {}. If these credentials may not write firewall rules in {project}, its network admin must run",
-                service_projects.into_iter().collect::<Vec<_>>().join(", ")
-            ),
-            NetworkAdmin::Forbidden => format!(
-                "writes to firewall rules of project {project} were refused (403) for these credentials; a network admin of {project} must run"
-            ),
-        };
+        let reason = format!(
+            "Shared VPC: the network is in host project {project}, the nodes in {}. If these credentials may not write firewall rules in {project}, its network admin must run",
+            service_projects.into_iter().collect::<Vec<_>>().join(", ")
+        );
         Some(ManualSteps { reason, commands })
     }
 

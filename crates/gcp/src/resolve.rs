@@ -11,6 +11,7 @@ use nodeport_firewall_model::{PoolTarget, Target};
 use nodeport_firewall_provider::{PoolView, Result};
 use tracing::debug;
 
+use crate::network_admin::shared_vpc;
 use crate::{GcpPoolConfig, GcpProvider, NAME, Scope, config, config_error, discovery};
 
 /// A resolution's cache key: the pool at its target, and the instances of its nodes.
@@ -38,11 +39,13 @@ impl GcpProvider {
             )));
         }
         let target = Target::new(NAME, &format!("{project}/{network}"));
-        self.note_shared_vpc(&target, &project, pool.nodes);
+        // A Shared VPC is found here, where the nodes are known, and travels in the plan.
+        let shared_vpc = shared_vpc(&project, pool.nodes);
         let to_targets = |scope: &Scope| {
             vec![PoolTarget {
                 target: target.clone(),
                 scope: Some(scope.encode()),
+                payload: shared_vpc.clone(),
             }]
         };
         match (&over.target_tags[..], &over.target_service_account) {

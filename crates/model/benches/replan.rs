@@ -72,13 +72,7 @@ fn bench(c: &mut Criterion) {
         .map(|i| {
             let pool = PoolName::new(format!("pool-{i}"));
             let target = Target::new("memory", &format!("sg-{i}"));
-            (
-                pool,
-                Ok(vec![PoolTarget {
-                    target,
-                    scope: None,
-                }]),
-            )
+            (pool, Ok(vec![PoolTarget::new(target, None)]))
         })
         .collect();
 

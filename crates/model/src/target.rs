@@ -36,6 +36,22 @@ pub struct PoolTarget {
     pub target: Target,
     /// A GCP target tag, an Azure destination; `None` when the target is the scope.
     pub scope: Option<String>,
+    /// What the provider learned about the target while resolving the pool (GCP: the
+    /// network is a Shared VPC host's), in the provider's own text. Opaque to the planner,
+    /// which hands it to the provider in the target's plan ([`crate::TargetPlan::resolved`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+}
+
+impl PoolTarget {
+    /// `target`, scoped by `scope`, with nothing learned.
+    pub fn new(target: Target, scope: Option<String>) -> Self {
+        PoolTarget {
+            target,
+            scope,
+            payload: None,
+        }
+    }
 }
 
 /// How a provider resolved a pool: its targets, or why it could not.
@@ -64,6 +80,11 @@ pub struct ObservedRule {
     /// then holds only the Services the marker names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<MarkerDigest>,
+    /// Facts the provider needs to write this rule later (EC2: the tag keys and the
+    /// description it carries). Opaque to the planner, which copies it into the plan's
+    /// change; so the facts live in the observation and the plan, not in the provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<serde_json::Value>,
 }
 
 impl ObservedRule {
@@ -75,6 +96,7 @@ impl ObservedRule {
             owned,
             priority: None,
             digest: None,
+            payload: None,
         }
     }
 

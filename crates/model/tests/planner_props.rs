@@ -179,10 +179,7 @@ fn resolutions(s: &Scenario) -> BTreeMap<PoolName, PoolResolution> {
             let scope = s.scoped.then(|| p.to_string());
             (
                 PoolName::new(*p),
-                Ok(vec![PoolTarget {
-                    target: Target::new("memory", &id),
-                    scope,
-                }]),
+                Ok(vec![PoolTarget::new(Target::new("memory", &id), scope)]),
             )
         })
         .collect()

@@ -211,13 +211,7 @@ fn resolutions() -> BTreeMap<PoolName, PoolResolution> {
         .iter()
         .map(|p| {
             let target = Target::new("memory", &format!("t-{p}"));
-            (
-                PoolName::new(*p),
-                Ok(vec![PoolTarget {
-                    target,
-                    scope: None,
-                }]),
-            )
+            (PoolName::new(*p), Ok(vec![PoolTarget::new(target, None)]))
         })
         .collect()
 }

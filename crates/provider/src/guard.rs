@@ -108,11 +108,13 @@ mod tests {
                 previous: None,
                 note: None,
                 priority: None,
+                payload: None,
             }],
             error: None,
             remove_first: false,
             usage: Usage::default(),
             manual: None,
+            resolved: Vec::new(),
             observed: None,
         }
     }

@@ -227,6 +227,7 @@ mod tests {
             previous: None,
             note: None,
             priority: None,
+            payload: None,
         }
     }
 
@@ -239,6 +240,7 @@ mod tests {
             remove_first: false,
             usage: Usage::default(),
             manual: None,
+            resolved: Vec::new(),
             observed: None,
         }
     }

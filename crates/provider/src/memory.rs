@@ -201,6 +201,7 @@ impl Provider for MemoryProvider {
         Ok(vec![PoolTarget {
             target: Target::new(NAME, &id),
             scope: over.scope,
+            payload: None,
         }])
     }
 

@@ -28,6 +28,7 @@ pub(super) fn change(action: Action, rule: Rule, id: Option<String>) -> Change {
         previous: None,
         note: None,
         priority: None,
+        payload: None,
     }
 }
 
@@ -35,6 +36,7 @@ pub(super) fn change(action: Action, rule: Rule, id: Option<String>) -> Change {
 fn about(action: Action, rule: Rule, observed: &ObservedRule) -> Change {
     let mut c = change(action, rule, observed.id.clone());
     c.priority = observed.priority;
+    c.payload = observed.payload.clone();
     c
 }
 

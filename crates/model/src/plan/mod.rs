@@ -70,6 +70,10 @@ pub struct Change {
     /// rule that exists, chosen by the planner for an add. Executors write exactly this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<u32>,
+    /// The provider's own facts about the observed rule ([`ObservedRule::payload`]),
+    /// carried to the executor unread by the planner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<serde_json::Value>,
 }
 
 /// Why a target's plan cannot be applied. Reported before any write.
@@ -221,6 +225,10 @@ pub struct TargetPlan {
     /// network admin). Filled in by the provider after planning, never by the planner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manual: Option<ManualSteps>,
+    /// What the provider learned about this target while resolving its pools
+    /// ([`PoolTarget::payload`]), sorted, each once; for the provider's `manual_steps`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resolved: Vec<String>,
     /// The observation this plan was made from, for the ownership guard before a write.
     /// Not serialised: a plan read back from a file is guarded against a fresh read.
     #[serde(skip)]
@@ -358,6 +366,19 @@ pub fn plan(
     };
     let mut targets: Vec<TargetPlan> = crate::parallel::par_map(&jobs, 1, one);
     targets.sort_by(|a, b| a.target.cmp(&b.target));
+    // What resolving learned about each target goes with its plan, for the provider.
+    for tp in &mut targets {
+        let mut learned: Vec<String> = resolutions
+            .values()
+            .flatten()
+            .flatten()
+            .filter(|pt| pt.target == tp.target)
+            .filter_map(|pt| pt.payload.clone())
+            .collect();
+        learned.sort();
+        learned.dedup();
+        tp.resolved = learned;
+    }
 
     let pools = desired
         .pools
@@ -484,6 +505,7 @@ fn errored(target: &Target, pools: BTreeSet<PoolName>, error: PlanError) -> Targ
         remove_first: false,
         usage: Usage::default(),
         manual: None,
+        resolved: Vec::new(),
         observed: None,
     }
 }
@@ -524,6 +546,7 @@ pub fn plan_target(
         remove_first,
         usage,
         manual: None,
+        resolved: Vec::new(),
         observed: Some(Arc::new(observation.clone())),
     }
 }

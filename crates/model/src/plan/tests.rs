@@ -61,6 +61,7 @@ fn resolutions() -> BTreeMap<PoolName, PoolResolution> {
         Ok(vec![PoolTarget {
             target: target(),
             scope: None,
+            payload: None,
         }]),
     )]
     .into()
