@@ -184,6 +184,10 @@ impl Provider for AwsProvider {
         NAME
     }
 
+    fn call_stats(&self) -> Option<&CallStats> {
+        Some(&self.stats)
+    }
+
     fn renderer(&self) -> &dyn Render {
         &self.renderer
     }

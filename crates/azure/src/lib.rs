@@ -185,6 +185,10 @@ impl Provider for AzureProvider {
         NAME
     }
 
+    fn call_stats(&self) -> Option<&CallStats> {
+        Some(&self.stats)
+    }
+
     fn renderer(&self) -> &dyn Render {
         &self.renderer
     }

@@ -76,7 +76,7 @@ fn config_for(nsg: &str, pools: &[(&str, Value)]) -> Config {
         config.pools.insert(
             PoolName::new(*p),
             PoolConfig {
-                azure: Some(section),
+                providers: [("azure".to_string(), section)].into(),
                 ..PoolConfig::default()
             },
         );

@@ -230,6 +230,10 @@ impl Provider for GcpProvider {
         NAME
     }
 
+    fn call_stats(&self) -> Option<&CallStats> {
+        Some(&self.stats)
+    }
+
     fn renderer(&self) -> &dyn Render {
         &self.renderer
     }

@@ -72,7 +72,7 @@ fn config_for(pools: &[(&str, Option<Value>)]) -> Config {
         config.pools.insert(
             PoolName::new(*p),
             PoolConfig {
-                gcp: gcp.clone(),
+                providers: gcp.iter().map(|v| ("gcp".to_string(), v.clone())).collect(),
                 ..Default::default()
             },
         );

@@ -112,42 +112,29 @@ pub enum LoadBalancerSourceRanges {
     Ignore,
 }
 
-/// Per-pool overrides. Provider sections are opaque here and validated by that provider.
+/// Per-pool overrides. Provider sections are opaque here and validated by that provider;
+/// which providers may have one is the caller's list ([`Config::from_yaml`]): this crate
+/// names no cloud.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct PoolConfig {
     /// Whether the operator manages this pool. Default: `manageUnlistedPools` for pools not
     /// listed, `true` for listed ones.
     pub managed: Option<bool>,
-    pub aws: Option<serde_json::Value>,
-    pub gcp: Option<serde_json::Value>,
-    pub azure: Option<serde_json::Value>,
-    pub memory: Option<serde_json::Value>,
+    /// Each provider's section, by provider name.
+    #[serde(flatten)]
+    pub providers: BTreeMap<String, serde_json::Value>,
 }
 
 impl PoolConfig {
     /// The override section for one provider.
     pub fn provider(&self, provider: &str) -> Option<&serde_json::Value> {
-        match provider {
-            "aws" => self.aws.as_ref(),
-            "gcp" => self.gcp.as_ref(),
-            "azure" => self.azure.as_ref(),
-            "memory" => self.memory.as_ref(),
-            _ => None,
-        }
+        self.providers.get(provider)
     }
 
-    /// Sets the override section for one provider; false for a provider with no section.
-    pub fn set_provider(&mut self, provider: &str, section: serde_json::Value) -> bool {
-        let slot = match provider {
-            "aws" => &mut self.aws,
-            "gcp" => &mut self.gcp,
-            "azure" => &mut self.azure,
-            "memory" => &mut self.memory,
-            _ => return false,
-        };
-        *slot = Some(section);
-        true
+    /// Sets the override section for one provider.
+    pub fn set_provider(&mut self, provider: &str, section: serde_json::Value) {
+        self.providers.insert(provider.to_string(), section);
     }
 }
 
@@ -170,10 +157,9 @@ struct RawConfig {
     load_balancer_source_ranges: LoadBalancerSourceRanges,
     #[serde(default)]
     health_check_source_ranges: Vec<String>,
-    aws: Option<serde_json::Value>,
-    gcp: Option<serde_json::Value>,
-    azure: Option<serde_json::Value>,
-    memory: Option<serde_json::Value>,
+    /// Every other top-level key: a provider's section, or unknown.
+    #[serde(flatten)]
+    sections: BTreeMap<String, serde_json::Value>,
 }
 
 /// The validated operator config.
@@ -222,17 +208,31 @@ impl Config {
     }
 
     /// Parses and validates a YAML config. Every unknown key is reported by its path.
-    pub fn from_yaml(text: &str) -> Result<Self> {
+    /// `providers` names the providers that may have a section (at the top level and
+    /// under each pool): the operator's registry.
+    pub fn from_yaml(text: &str, providers: &[&str]) -> Result<Self> {
         let de = yaml_serde::Deserializer::from_str(text);
         let mut unknown = BTreeSet::new();
-        let raw: RawConfig = serde_ignored::deserialize(de, |path| {
+        let mut raw: RawConfig = serde_ignored::deserialize(de, |path| {
             unknown.insert(path.to_string());
         })
         .map_err(|e| Error::Config(e.to_string()))?;
+        let known = |k: &String| providers.contains(&k.as_str());
+        unknown.extend(raw.sections.keys().filter(|k| !known(k)).cloned());
+        raw.sections.retain(|k, _| known(k));
+        for (name, pool) in &mut raw.pools {
+            unknown.extend(
+                pool.providers
+                    .keys()
+                    .filter(|k| !known(k))
+                    .map(|k| format!("pools.{name}.{k}")),
+            );
+            pool.providers.retain(|k, _| known(k));
+        }
         // Every problem at once: the unknown keys, then what the known ones say.
         let mut problems = Vec::new();
         if !unknown.is_empty() {
-            let keys: Vec<String> = unknown.iter().map(|k| with_hint(k)).collect();
+            let keys: Vec<String> = unknown.iter().map(|k| with_hint(k, providers)).collect();
             problems.push(format!("unknown keys: {}", keys.join(", ")));
         }
         Self::validate(raw, problems)
@@ -309,17 +309,7 @@ impl Config {
         if !problems.is_empty() {
             return Err(Error::Config(problems.join("; ")));
         }
-        let mut providers = BTreeMap::new();
-        for (name, value) in [
-            ("aws", raw.aws),
-            ("gcp", raw.gcp),
-            ("azure", raw.azure),
-            ("memory", raw.memory),
-        ] {
-            if let Some(v) = value {
-                providers.insert(name.to_string(), v);
-            }
-        }
+        let providers = raw.sections;
         Ok(Config {
             cluster_name,
             manage_all_node_port_services: raw.manage_all_node_port_services,
@@ -367,10 +357,6 @@ fn known_keys(section: &[&str]) -> &'static [&'static str] {
             "nodePortRange",
             "loadBalancerSourceRanges",
             "healthCheckSourceRanges",
-            "aws",
-            "gcp",
-            "azure",
-            "memory",
         ],
         ["policy"] => &[
             "allowWorldOpen",
@@ -380,19 +366,25 @@ fn known_keys(section: &[&str]) -> &'static [&'static str] {
             "portMerge",
         ],
         ["policy", "minPrefixLength"] => &["ipv4", "ipv6"],
-        ["pools", _] => &["managed", "aws", "gcp", "azure", "memory"],
+        ["pools", _] => &["managed"],
         _ => &[],
     }
 }
 
-/// `path` with `(did you mean …?)` when a known key of its section is close to it.
-fn with_hint(path: &str) -> String {
+/// `path` with `(did you mean …?)` when a known key of its section, or a provider's name
+/// where a provider section may be, is close to it.
+fn with_hint(path: &str, providers: &[&str]) -> String {
     let parts: Vec<&str> = path.split('.').collect();
     let Some((last, section)) = parts.split_last() else {
         return path.to_string();
     };
+    let sections: &[&str] = match section {
+        [] | ["pools", _] => providers,
+        _ => &[],
+    };
     match known_keys(section)
         .iter()
+        .chain(sections)
         .find(|k| crate::suggest::similar(k, last))
     {
         Some(k) => format!("{path} (did you mean {k}?)"),
@@ -454,9 +446,49 @@ pub fn floor_violations(floor: &Policy, sources: &SourceSet) -> Vec<String> {
 mod tests {
     use super::*;
 
+    /// The providers the tests' configs may have sections for (the operator passes its
+    /// registry).
+    const TEST_PROVIDERS: &[&str] = &["memory", "cloudy"];
+
+    #[test]
+    fn provider_sections_are_the_callers_list() {
+        let c = Config::from_yaml(
+            "clusterName: a\ncloudy: {region: x}\npools:\n  web:\n    cloudy: {zone: z}\n",
+            TEST_PROVIDERS,
+        )
+        .unwrap();
+        assert_eq!(
+            c.provider_section("cloudy"),
+            Some(&serde_json::json!({"region": "x"}))
+        );
+        let web = &c.pools[&PoolName::new("web")];
+        assert_eq!(
+            web.provider("cloudy"),
+            Some(&serde_json::json!({"zone": "z"}))
+        );
+        assert_eq!(web.provider("memory"), None);
+        let cases = [
+            (
+                "clusterName: a\ncloudi: {}\n",
+                "unknown keys: cloudi (did you mean cloudy?)",
+            ),
+            ("clusterName: a\nrainy: {}\n", "unknown keys: rainy"),
+            (
+                "clusterName: a\npools:\n  web:\n    memroy: {}\n",
+                "unknown keys: pools.web.memroy (did you mean memory?)",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let err = Config::from_yaml(yaml, TEST_PROVIDERS)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{yaml:?}: got {err:?}, want {want:?}");
+        }
+    }
+
     #[test]
     fn minimal_config_gets_defaults() {
-        let c = Config::from_yaml("clusterName: prod\n").unwrap();
+        let c = Config::from_yaml("clusterName: prod\n", TEST_PROVIDERS).unwrap();
         assert_eq!(c.cluster_name, "prod");
         assert_eq!(c.pool_labels.len(), DEFAULT_POOL_LABELS.len());
         assert!(c.default_sources.is_empty());
@@ -536,7 +568,9 @@ mod tests {
             ("clusterName: [a]", "invalid type"),
         ];
         for (yaml, want) in cases {
-            let err = Config::from_yaml(yaml).unwrap_err().to_string();
+            let err = Config::from_yaml(yaml, TEST_PROVIDERS)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{yaml:?}: got {err:?}, want {want:?}");
         }
     }
@@ -545,7 +579,7 @@ mod tests {
     fn pool_management() {
         let c = Config::from_yaml(
             "clusterName: a\nmanageUnlistedPools: false\npools:\n  web: {}\n  batch:\n    managed: false\n",
-        )
+TEST_PROVIDERS)
         .unwrap();
         assert!(c.pool_managed(&PoolName::new("web")));
         assert!(!c.pool_managed(&PoolName::new("batch")));
@@ -556,6 +590,7 @@ mod tests {
     fn world_open_default_allowed_by_policy() {
         let c = Config::from_yaml(
             "clusterName: a\ndefaultSourceRanges: ['0.0.0.0/0']\npolicy:\n  allowWorldOpen: true\n",
+            TEST_PROVIDERS,
         )
         .unwrap();
         assert_eq!(c.default_sources.len(), 1);

@@ -11,7 +11,7 @@ use nodeport_firewall_provider::engine::{self, ApplyOutcome};
 use serde_json::json;
 
 use crate::output::{self, Style};
-use crate::providers::{self, ProviderName};
+use crate::providers;
 use crate::{Error, Result};
 
 /// Exit status: no changes pending.
@@ -78,8 +78,9 @@ pub struct InputArgs {
     #[arg(long, env = "NPF_CONFIG")]
     pub config: PathBuf,
     /// Which cloud to read (and, for apply, write).
-    #[arg(long, value_enum, default_value_t = ProviderName::Memory, env = "NPF_PROVIDER")]
-    pub provider: ProviderName,
+    #[arg(long, default_value = providers::MEMORY, env = "NPF_PROVIDER",
+          value_parser = clap::builder::PossibleValuesParser::new(providers::names()))]
+    pub provider: String,
     /// The in-memory provider's state file (JSON): read if it exists, written by apply.
     #[arg(long)]
     pub state: Option<PathBuf>,
@@ -142,8 +143,9 @@ pub struct RunArgs {
     #[arg(long, env = "NPF_CONFIG")]
     pub config: PathBuf,
     /// Which cloud to write.
-    #[arg(long, value_enum, default_value_t = ProviderName::Memory, env = "NPF_PROVIDER")]
-    pub provider: ProviderName,
+    #[arg(long, default_value = providers::MEMORY, env = "NPF_PROVIDER",
+          value_parser = clap::builder::PossibleValuesParser::new(providers::names()))]
+    pub provider: String,
     /// The in-memory provider's state file (JSON): read at start if it exists, written after
     /// every apply and at shutdown.
     #[arg(long)]
@@ -263,10 +265,11 @@ fn load_config(path: &std::path::Path) -> Result<Config> {
 fn load_config_bytes(path: &std::path::Path) -> Result<(Config, Vec<u8>)> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Io(format!("cannot read config {}: {e}", path.display())))?;
-    let config = Config::from_yaml(&text).map_err(|source| Error::Config {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let config =
+        Config::from_yaml(&text, &crate::providers::names()).map_err(|source| Error::Config {
+            path: path.display().to_string(),
+            source,
+        })?;
     Ok((config, text.into_bytes()))
 }
 
@@ -306,7 +309,7 @@ async fn prepare(args: &InputArgs, no_color: bool) -> Result<Prepared> {
         .filter_map(NamespaceSpec::from_k8s)
         .collect();
     let tenancy = Tenancy::new(&policies, &namespaces);
-    let backend = providers::build(args.provider, &config, args.state.as_deref()).await?;
+    let backend = providers::build(&args.provider, &config, args.state.as_deref()).await?;
     let d = desired_with(&config, &services, &nodes, &tenancy);
     let mut observed = engine::Observed::default();
     let mut plan = engine::plan_with_cache(backend.provider(), &config, &d, &mut observed).await;
@@ -367,7 +370,7 @@ async fn prepare_saved(args: &ApplyArgs, file: &std::path::Path) -> Result<Prepa
         )));
     }
     let input = &args.plan.input;
-    let backend = providers::build(input.provider, &config, input.state.as_deref()).await?;
+    let backend = providers::build(&input.provider, &config, input.state.as_deref()).await?;
     if backend.provider().name() != saved.plan.provider {
         return Err(Error::Usage(format!(
             "{}: the plan is for provider {}, not {}",
@@ -666,7 +669,7 @@ async fn run_controller(args: RunArgs) -> Result<u8> {
     use std::sync::Arc;
 
     let config = load_config(&args.config)?;
-    let backend = Arc::new(providers::build(args.provider, &config, args.state.as_deref()).await?);
+    let backend = Arc::new(providers::build(&args.provider, &config, args.state.as_deref()).await?);
     controller::install_crypto_provider();
     let client = kube::Client::try_default()
         .await

@@ -17,7 +17,11 @@ fn client(server: &ApiServer) -> kube::Client {
 }
 
 fn config() -> Config {
-    Config::from_yaml("clusterName: test\npoolLabels: [pool]\n").unwrap()
+    Config::from_yaml(
+        "clusterName: test\npoolLabels: [pool]\n",
+        &nodeport_firewall::providers::names(),
+    )
+    .unwrap()
 }
 
 fn settings() -> Settings {
@@ -135,8 +139,11 @@ async fn nothing_is_planned_before_the_caches_sync() {
     let p = memory();
     // Pool a is in the config, so a plan from the empty view before the slow list ends
     // would resolve it (and, with no Services, plan its rules away).
-    let config =
-        Config::from_yaml("clusterName: test\npoolLabels: [pool]\npools:\n  a: {}\n").unwrap();
+    let config = Config::from_yaml(
+        "clusterName: test\npoolLabels: [pool]\npools:\n  a: {}\n",
+        &nodeport_firewall::providers::names(),
+    )
+    .unwrap();
     let run = spawn_with(&server, p.clone(), settings(), config);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(
@@ -401,6 +408,7 @@ async fn a_policy_opens_and_closes_exactly_its_services_with_events_and_status()
     let p = memory();
     let config = Config::from_yaml(
         "clusterName: test\npoolLabels: [pool]\npolicy:\n  requireNamespacePolicy: true\n",
+        &nodeport_firewall::providers::names(),
     )
     .unwrap();
     let run = spawn_with(&server, p.clone(), settings(), config);

@@ -200,6 +200,11 @@ pub trait Provider: Send + Sync {
     fn manual_steps(&self, _plan: &TargetPlan) -> Option<ManualSteps> {
         None
     }
+
+    /// The cloud API calls made so far, where the provider counts them (for metrics).
+    fn call_stats(&self) -> Option<&CallStats> {
+        None
+    }
 }
 
 #[cfg(test)]

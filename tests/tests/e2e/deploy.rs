@@ -25,6 +25,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use nodeport_firewall_model::annotations::{Admission, admit};
+
+/// The providers a deployed config may have sections for (the operator's registry).
+const PROVIDERS: &[&str] = &["memory", "aws", "gcp", "azure"];
 use nodeport_firewall_model::policy::floor_violations;
 use nodeport_firewall_model::{Config, ServiceSpec};
 use serde::Serialize;
@@ -524,7 +527,8 @@ fn check_config(objects: &BTreeMap<String, Value>, source: &str) {
     let text = cm["data"]["config.yaml"]
         .as_str()
         .expect("data.config.yaml");
-    Config::from_yaml(text).unwrap_or_else(|e| panic!("{source}: config.yaml: {e}\n{text}"));
+    Config::from_yaml(text, PROVIDERS)
+        .unwrap_or_else(|e| panic!("{source}: config.yaml: {e}\n{text}"));
 }
 
 fn kinds(objects: &BTreeMap<String, Value>) -> BTreeSet<String> {
@@ -680,8 +684,11 @@ fn helm_chart_renders_with_default_values() {
     );
     assert!(sa_annotations(&objects, "defaults").is_null());
     let cm = one_of_kind(&objects, "ConfigMap", "defaults");
-    let config =
-        Config::from_yaml(cm["data"]["config.yaml"].as_str().expect("config")).expect("config");
+    let config = Config::from_yaml(
+        cm["data"]["config.yaml"].as_str().expect("config"),
+        PROVIDERS,
+    )
+    .expect("config");
     assert_eq!(
         config.cluster_name, "nodeport-firewall",
         "memory: the release name"
@@ -777,8 +784,11 @@ fn helm_chart_renders_with_every_value_set() {
         })
     );
     let cm = one_of_kind(&objects, "ConfigMap", source);
-    let config =
-        Config::from_yaml(cm["data"]["config.yaml"].as_str().expect("config")).expect("config");
+    let config = Config::from_yaml(
+        cm["data"]["config.yaml"].as_str().expect("config"),
+        PROVIDERS,
+    )
+    .expect("config");
     assert_eq!(config.cluster_name, "prod-eu");
     assert!(config.manage_all_node_port_services);
     assert_eq!(config.policy.max_ranges_per_service, 16);
@@ -1421,7 +1431,8 @@ fn planner_refuses(
     let spec = ServiceSpec::from_k8s(&svc).expect("a ServiceSpec");
     let config = Config::from_yaml(&format!(
         "clusterName: t\nmanageAllNodePortServices: {manage_all}\npolicy:\n  allowWorldOpen: {allow_world_open}\n"
-    ))
+    ),
+PROVIDERS)
     .expect("config");
     match admit(&spec, &config) {
         Admission::Invalid { errors, .. } => Some(errors),

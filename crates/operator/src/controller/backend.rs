@@ -50,12 +50,7 @@ impl Provider for Shared {
 
 /// The cloud SDK's call counts (operation, calls, errors), where the provider keeps them.
 pub fn cloud_calls(backend: &Backend) -> Option<CallSnapshot> {
-    let stats = match backend {
-        Backend::Aws(p) => p.stats(),
-        Backend::Gcp(p) => p.stats(),
-        Backend::Azure(p) => p.stats(),
-        Backend::Memory(_) => return None,
-    };
+    let stats = backend.provider().call_stats()?;
     Some(
         stats
             .snapshot()
