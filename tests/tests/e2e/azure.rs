@@ -267,3 +267,43 @@ fn a_full_priority_band_is_a_plan_error_and_apply_writes_nothing() {
     assert_eq!(s.server.count("PUT", "/"), 0);
     assert!(s.ours().is_empty());
 }
+
+/// 95 Services on one allowlist: one rule whose marker holds only a hash. Every CLI run is
+/// a new process that never wrote the rule; it must still plan nothing after the apply,
+/// also with one of the Services broken (its port stays open).
+#[test]
+fn a_long_service_list_plans_nothing_after_apply_in_a_new_process() {
+    let s = Setup::new("");
+    let mut crowd: Vec<String> = (0..95)
+        .map(|i| {
+            service(
+                "crowd",
+                &format!("svc-{i:02}"),
+                &[("TCP", 31000 + i)],
+                "203.0.113.0/24",
+                None,
+            )
+        })
+        .collect();
+    let m = s.manifests(&[("aks-np1-0", "np1", "10.224.0.4")], &crowd);
+    Cli::new()
+        .apply(&s.args(&m, &["--yes"]))
+        .expect_exit(0)
+        .stdout_has(&["Apply complete: 1 added, 0 changed, 0 removed."]);
+    let ours = s.ours();
+    assert_eq!(ours.len(), 1, "{ours:#?}");
+    let description = ours[0]["properties"]["description"].as_str().unwrap_or("");
+    assert!(description.contains("services#"), "{description}");
+    Cli::new()
+        .plan(&s.args(&m, &[]))
+        .expect_exit(0)
+        .stdout_has(&["Plan: 0 to add, 0 to remove, 1 unchanged."]);
+
+    // One Service breaks its annotation: the rule is kept whole, in a new process too.
+    crowd[7] = crowd[7].replace("203.0.113.0/24", "203.0.113.0/24, not-a-cidr");
+    let m = s.manifests(&[("aks-np1-0", "np1", "10.224.0.4")], &crowd);
+    Cli::new()
+        .plan(&s.args(&m, &[]))
+        .expect_exit(0)
+        .stdout_has(&["crowd/svc-07 has invalid annotations"]);
+}

@@ -237,3 +237,92 @@ fn gcp_ambiguous_pool_is_a_plan_error_and_shared_vpc_403_prints_the_gcloud_comma
     );
     assert!(server.firewalls("host-proj").is_empty());
 }
+
+/// `-f` arguments for the web pool's nodes and `services` (YAML documents).
+fn crowd_args(
+    dir: &Scratch,
+    nodes: &Path,
+    config: &Path,
+    services: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let svcs = dir.write("crowd.yaml", services);
+    let mut a = vec![
+        "-f".to_string(),
+        nodes.display().to_string(),
+        "-f".to_string(),
+        svcs.display().to_string(),
+        "--config".to_string(),
+        config.display().to_string(),
+        "--provider".to_string(),
+        "gcp".to_string(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// `n` Services on the web pool; `ranges(i)` is Service i's allowlist.
+fn crowd(n: u16, ranges: impl Fn(u16) -> String) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: a-rather-long-service-name-{i:03}\n  namespace: a-rather-long-namespace\n  annotations:\n    nodeport-firewall.io/enabled: \"true\"\n    nodeport-firewall.io/node-pools: web\n    nodeport-firewall.io/allowed-source-ranges: \"{}\"\nspec:\n  type: NodePort\n  ports:\n  - {{name: p, protocol: TCP, port: 80, nodePort: {}}}\n",
+                ranges(i),
+                31000 + i
+            )
+        })
+        .collect()
+}
+
+/// 95 Services on one allowlist: one rule whose description lists only the first ones and
+/// a digest. Every CLI run is a new process; `plan` after `apply` still plans nothing.
+#[test]
+fn gcp_a_long_service_list_plans_nothing_after_apply_in_a_new_process() {
+    let server = ComputeServer::start();
+    let dir = Scratch::new();
+    let nodes = gke_nodes(&server, &dir, "edge");
+    let config = config(&dir, &server, PROJECT);
+    let services = crowd(95, |_| "10.0.0.0/8".to_string());
+    Cli::new()
+        .apply(&crowd_args(&dir, &nodes, &config, &services, &["--yes"]))
+        .expect_exit(0)
+        .stdout_has(&["Apply complete: 1 added, 0 changed, 0 removed."]);
+    let rules = server.firewalls(PROJECT);
+    let ours: Vec<&serde_json::Value> = rules
+        .iter()
+        .filter(|(n, _)| n.starts_with("npf-demo-"))
+        .map(|(_, r)| r)
+        .collect();
+    assert_eq!(ours.len(), 1, "{rules:#?}");
+    assert!(
+        ours[0]["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("servicesDigest")),
+        "{:#}",
+        ours[0]
+    );
+    Cli::new()
+        .plan(&crowd_args(&dir, &nodes, &config, &services, &[]))
+        .expect_exit(0)
+        .stdout_has(&["Plan: 0 to add, 0 to remove, 1 unchanged."]);
+}
+
+/// The project's firewall quota stops an apply after two inserts: the output says what was
+/// written and what failed, and the exit status is 1.
+#[test]
+fn gcp_an_apply_stopped_by_the_project_quota_reports_what_it_wrote() {
+    let server = ComputeServer::start();
+    let dir = Scratch::new();
+    let nodes = gke_nodes(&server, &dir, "edge");
+    let config = config(&dir, &server, PROJECT);
+    // Three allowlists: three rules; the project holds two.
+    let services = crowd(3, |i| format!("10.{i}.0.0/16"));
+    server.set_quota(PROJECT, Some(2));
+    let out = Cli::new()
+        .apply(&crowd_args(&dir, &nodes, &config, &services, &["--yes"]))
+        .expect_exit(1)
+        .stdout_has(&["Apply failed on 1 target(s): 2 added, 0 changed, 0 removed."]);
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert!(all.contains("having written 2 added"), "{all}");
+    assert!(all.contains("Quota 'FIREWALLS' exceeded"), "{all}");
+}

@@ -228,8 +228,11 @@ pub(super) fn match_rules(mut want: Vec<Rule>, inputs: &Inputs<'_>) -> Vec<Chang
             changes.push(inputs.same_or_update(rule, old));
             continue;
         }
-        if pinned_content.contains(&rule.content) {
-            continue; // served by a kept rule with exactly this content
+        if pinned_content
+            .iter()
+            .any(|kept| covers(kept, &rule.content))
+        {
+            continue; // served by a kept rule: the same sources, these ports and maybe more
         }
         if let Some(f) = foreign_content.get(&rule.content) {
             let mut c = about(Action::SatisfiedByForeign, rule, f);
@@ -283,4 +286,17 @@ pub(super) fn match_rules(mut want: Vec<Rule>, inputs: &Inputs<'_>) -> Vec<Chang
 /// name still held after those is the guard's to refuse.
 fn derived_names(name: &str) -> impl Iterator<Item = String> + '_ {
     std::iter::once(format!("{name}-n")).chain((2..10).map(move |i| format!("{name}-n{i}")))
+}
+
+/// Whether a kept rule already allows everything `wanted` does, from exactly its sources:
+/// adding `wanted` beside it would open nothing new.
+fn covers(kept: &RuleContent, wanted: &RuleContent) -> bool {
+    kept.scope == wanted.scope
+        && kept.family == wanted.family
+        && kept.protocol == wanted.protocol
+        && kept.sources == wanted.sources
+        && wanted
+            .ports
+            .iter()
+            .all(|w| kept.ports.iter().any(|k| k.from <= w.from && w.to <= k.to))
 }
