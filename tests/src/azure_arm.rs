@@ -19,7 +19,8 @@
 //!
 //! The server runs on its own thread, so sync and async tests can use it alike.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use crate::faults::{Fault, Faults};
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -73,7 +74,7 @@ struct State {
     tokens: Vec<String>,
     assertions: Vec<String>,
     token_lifetime: u64,
-    throttles: VecDeque<(Option<String>, u64)>,
+    faults: Faults,
     steal_priorities: usize,
     write_latency: Duration,
     polls_per_operation: u32,
@@ -359,12 +360,22 @@ impl ArmServer {
     /// The next `n` writes (PUT or DELETE) answer 429 with `Retry-After: <secs>` and the
     /// given error code.
     pub fn throttle_writes(&self, n: usize, code: Option<&str>, retry_after_secs: u64) {
-        self.with(|s| {
-            for _ in 0..n {
-                s.throttles
-                    .push_back((code.map(str::to_string), retry_after_secs));
-            }
-        });
+        self.inject(
+            "write",
+            n,
+            Fault::Status {
+                status: 429,
+                code: Some(code.unwrap_or("TooManyRequests").to_string()),
+                retry_after: Some(retry_after_secs),
+            },
+        );
+    }
+
+    /// Arms `fault` for the next `times` requests of `operation` (`PutSecurityRule`,
+    /// `DeleteSecurityRule`, `write` for either, or `*`): the fault-injection API every test
+    /// server shares ([`crate::faults`]). Status faults are answered as ARM errors.
+    pub fn inject(&self, operation: &str, times: usize, fault: Fault) {
+        self.with(|s| s.faults.inject(operation, times, fault));
     }
 
     /// The next `n` rule PUTs find their priority just taken by another writer: the server
@@ -728,19 +739,28 @@ async fn handle(state: &Mutex<State>, base: &str, req: Request<Incoming>) -> Rep
             }
         }
         (Method::PUT, false) | (Method::DELETE, false) => {
-            let (throttle, latency) = {
-                let mut s = state.lock().unwrap();
-                (s.throttles.pop_front(), s.write_latency)
+            let operation = if method == Method::PUT {
+                "PutSecurityRule"
+            } else {
+                "DeleteSecurityRule"
             };
-            if let Some((code, after)) = throttle {
+            let (fault, latency) = {
+                let s = state.lock().unwrap();
+                (s.faults.take(&[operation, "write"]), s.write_latency)
+            };
+            if let Some(Fault::Status {
+                status,
+                code,
+                retry_after,
+            }) = fault
+            {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
                 let code = code.unwrap_or_else(|| "TooManyRequests".to_string());
-                let mut r = arm_error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    &code,
-                    "Retry the operation later.",
-                );
-                r.headers_mut()
-                    .insert("retry-after", after.to_string().parse().unwrap());
+                let mut r = arm_error(status, &code, "Retry the operation later.");
+                if let Some(after) = retry_after {
+                    r.headers_mut()
+                        .insert("retry-after", after.to_string().parse().unwrap());
+                }
                 return r;
             }
             {

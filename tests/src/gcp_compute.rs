@@ -25,6 +25,7 @@
 //!
 //! Every request is counted per method and project, for call-count measurements.
 
+use crate::faults::{Fault, Faults};
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -41,18 +42,6 @@ use serde_json::{Map, Value, json};
 const URL: &str = "https://www.googleapis.com/compute/v1/";
 
 type Reply = Response<Full<Bytes>>;
-
-/// A write the server should fail or lose.
-#[derive(Debug, Clone)]
-enum Fault {
-    /// Answer with this HTTP status and no effect.
-    Status(u16),
-    /// Make the write, then answer 503 as if the response was lost.
-    LoseResponse,
-    /// Accept the write, whose Operation then ends DONE with this error code and message
-    /// (and no effect).
-    FailOperation(String, String),
-}
 
 #[derive(Debug, Clone)]
 struct Op {
@@ -83,7 +72,7 @@ struct State {
     polls_to_done: u32,
     max_ports: usize,
     max_sources: usize,
-    faults: Vec<(String, usize, Fault)>,
+    faults: Faults,
     /// (method, project) -> requests
     calls: BTreeMap<(String, String), usize>,
     replayed_request_ids: usize,
@@ -240,29 +229,31 @@ impl ComputeServer {
     /// The next `times` requests of `method` (`firewalls.insert`, `firewalls.list`, ...)
     /// get HTTP `status` (429, 500, 503, ...) and have no effect.
     pub fn fail_next(&self, method: &str, times: usize, status: u16) {
-        self.with(|s| {
-            s.faults
-                .push((method.to_string(), times, Fault::Status(status)))
-        });
+        self.inject(method, times, Fault::status(status));
+    }
+
+    /// Arms `fault` for the next `times` requests of `operation` (a Compute method such as
+    /// `firewalls.insert`, `write` for any firewall write, or `*`): the fault-injection API
+    /// every test server shares ([`crate::faults`]).
+    pub fn inject(&self, operation: &str, times: usize, fault: Fault) {
+        self.with(|s| s.faults.inject(operation, times, fault));
     }
 
     /// The next `times` writes of `method` are made, but the client gets a 503.
     pub fn lose_next_responses(&self, method: &str, times: usize) {
-        self.with(|s| {
-            s.faults
-                .push((method.to_string(), times, Fault::LoseResponse))
-        });
+        self.inject(method, times, Fault::LoseResponse);
     }
 
     /// The next write of `method` is accepted, and its Operation ends DONE with `code`.
     pub fn fail_next_operation(&self, method: &str, code: &str, message: &str) {
-        self.with(|s| {
-            s.faults.push((
-                method.to_string(),
-                1,
-                Fault::FailOperation(code.to_string(), message.to_string()),
-            ))
-        });
+        self.inject(
+            method,
+            1,
+            Fault::FailOperation {
+                code: code.to_string(),
+                message: message.to_string(),
+            },
+        );
     }
 
     /// Requests per method (all projects).
@@ -693,19 +684,6 @@ fn parse_filter(filter: &str) -> Option<Vec<(String, bool, String)>> {
     Some(out)
 }
 
-fn take_fault(s: &mut State, method: &str) -> Option<Fault> {
-    let i = s
-        .faults
-        .iter()
-        .position(|(m, n, _)| m == method && *n > 0)?;
-    s.faults[i].1 -= 1;
-    let f = s.faults[i].2.clone();
-    if s.faults[i].1 == 0 {
-        s.faults.remove(i);
-    }
-    Some(f)
-}
-
 async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Reply {
     let method = req.method().clone();
     let uri = req.uri().clone();
@@ -749,14 +727,16 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Reply {
     *s.calls
         .entry((op_name.to_string(), project.clone()))
         .or_default() += 1;
-    let fault = take_fault(&mut s, op_name);
-    if let Some(Fault::Status(code)) = &fault {
-        return error_reply(status_error(*code));
-    }
     let is_write = matches!(
         op_name,
         "firewalls.insert" | "firewalls.patch" | "firewalls.delete"
     );
+    let fault = s
+        .faults
+        .take(&[op_name, if is_write { "write" } else { "read" }]);
+    if let Some(Fault::Status { status, .. }) = &fault {
+        return error_reply(status_error(*status));
+    }
     match (op_name, parts.as_slice()) {
         ("firewalls.list", _) => {
             let Some(filter) = parse_filter(q.get("filter").map(String::as_str).unwrap_or(""))
@@ -998,7 +978,7 @@ fn write(
         ));
     }
     let failed_op = match fault {
-        Some(Fault::FailOperation(code, message)) => Some((code.clone(), message.clone())),
+        Some(Fault::FailOperation { code, message }) => Some((code.clone(), message.clone())),
         _ => None,
     };
     let target_id;

@@ -16,6 +16,7 @@
 //! [`ApiServer::spawn`] (for tests that drive the real binary), and point a kubeconfig at
 //! [`ApiServer::url`] ([`ApiServer::kubeconfig`] writes one).
 
+use crate::faults::{Fault, Faults};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::path::Path;
@@ -45,8 +46,8 @@ struct State {
     events: Vec<Value>,
     status_patches: Vec<Value>,
     policy_status_patches: Vec<Value>,
-    /// Resources whose list and watch answer 403 Forbidden, as RBAC would.
-    forbidden: Vec<String>,
+    /// Armed faults, by resource (`namespaces`, `services`, …) or `*`.
+    faults: Faults,
     list_delay: Duration,
     lists: BTreeMap<String, usize>,
     watches: BTreeMap<String, usize>,
@@ -263,11 +264,18 @@ impl ApiServer {
     /// Makes list and watch of `resource` ("namespaces", "nodeportfirewallpolicies", …)
     /// answer 403 Forbidden, as a missing RBAC rule would.
     pub fn forbid(&self, resource: &str) {
+        self.inject(resource, usize::MAX, Fault::status(403));
+    }
+
+    /// Arms `fault` for the next `times` requests on `resource` (a path segment such as
+    /// `namespaces` or `leases`, or `*`): the fault-injection API every test server shares
+    /// ([`crate::faults`]). A 403 reads as RBAC's refusal, others as a plain status.
+    pub fn inject(&self, resource: &str, times: usize, fault: Fault) {
         self.state
             .lock()
             .unwrap()
-            .forbidden
-            .push(resource.to_string());
+            .faults
+            .inject(resource, times, fault);
     }
 
     /// How many status patches were received.
@@ -303,20 +311,25 @@ impl ApiServer {
             return status(400, "BadRequest");
         };
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let forbidden = {
-            let st = self.state.lock().unwrap();
-            parts
-                .iter()
-                .find(|p| st.forbidden.iter().any(|f| f == *p))
-                .map(|p| p.to_string())
-        };
-        if let Some(resource) = forbidden {
-            let message = format!(
-                "{resource} is forbidden: User \"system:serviceaccount:test:nodeport-firewall\" cannot list resource \"{resource}\" at the cluster scope"
-            );
+        let fault = self.state.lock().unwrap().faults.take_named(&parts);
+        if let Some((resource, Fault::Status { status: code, .. })) = fault {
+            if code == 403 {
+                let message = format!(
+                    "{resource} is forbidden: User \"system:serviceaccount:test:nodeport-firewall\" cannot list resource \"{resource}\" at the cluster scope"
+                );
+                return full(
+                    StatusCode::FORBIDDEN,
+                    status_object(403, "Forbidden", &message),
+                );
+            }
+            let reason = if code == 429 {
+                "TooManyRequests"
+            } else {
+                "InternalError"
+            };
             return full(
-                StatusCode::FORBIDDEN,
-                status_object(403, "Forbidden", &message),
+                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                status_object(code, reason, "injected fault"),
             );
         }
         match (method, parts.as_slice()) {

@@ -7,5 +7,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod azure_arm;
+pub mod faults;
 pub mod gcp_compute;
 pub mod kube_api;

@@ -213,8 +213,7 @@ impl AwsProvider {
             let keep: HashSet<&str> = want.iter().map(|(k, _)| k.as_str()).collect();
             let stale: Vec<String> = old
                 .tag_keys
-                .iter()
-                .cloned()
+                .into_iter()
                 .filter(|k| !keep.contains(k.as_str()))
                 .filter(|k| pools_changed || !marker::is_list_tag(k, marker::TAG_POOLS))
                 .collect();
