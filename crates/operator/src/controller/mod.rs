@@ -489,21 +489,29 @@ impl Loop<'_> {
                 target: tp.target.id.clone(),
             };
             let writes = tp.changes.iter().filter(|c| c.action.is_write()).count();
-            let owned_after = tp
-                .changes
-                .iter()
-                .filter(|c| match c.action {
-                    Action::Add | Action::Update => applied.is_some() && !failed,
-                    Action::Remove => applied.is_none() || failed,
-                    Action::Unchanged | Action::Keep => true,
-                    Action::SatisfiedByForeign => false,
-                })
-                .count();
+            // What was written counts, on a target that failed part-way too.
+            let written = outcome
+                .and_then(|o| o.written())
+                .cloned()
+                .unwrap_or_default();
+            let count = |a: Action| tp.count(a);
+            let owned_after = if applied.is_some() && !failed {
+                count(Action::Add)
+                    + count(Action::Update)
+                    + count(Action::Unchanged)
+                    + count(Action::Keep)
+            } else {
+                count(Action::Update)
+                    + count(Action::Unchanged)
+                    + count(Action::Keep)
+                    + written.added
+                    + count(Action::Remove).saturating_sub(written.removed)
+            };
             m.rules_managed
                 .get_or_create(&labels)
                 .set(i64::try_from(owned_after).unwrap_or(i64::MAX));
             let pending = if applied.is_none() || failed {
-                writes
+                writes.saturating_sub(written.added + written.updated + written.removed)
             } else {
                 0
             };
