@@ -2,6 +2,7 @@
 //! provider selection.
 
 pub mod cli;
+pub mod cluster;
 pub mod controller;
 pub mod manifests;
 pub mod output;

@@ -11,6 +11,7 @@ mod cli;
 mod crate_graph;
 mod deploy;
 mod gcp;
+mod live;
 mod manifests;
 mod policy;
 mod run;

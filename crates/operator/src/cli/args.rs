@@ -59,6 +59,13 @@ pub struct InputArgs {
     /// directories, `-` for standard input. Repeatable, or comma-separated.
     #[arg(short = 'f', long = "filename", value_delimiter = ',')]
     pub filenames: Vec<PathBuf>,
+    /// Without -f: the kubeconfig of the cluster to read (default: $KUBECONFIG, then
+    /// ~/.kube/config, then the in-cluster service account). Only list calls are made.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Without -f: the kubeconfig context to read.
+    #[arg(long)]
+    pub context: Option<String>,
     /// The operator config file (YAML).
     #[arg(long, env = "NPF_CONFIG")]
     pub config: PathBuf,

@@ -103,14 +103,20 @@ fn load_config_bytes(path: &std::path::Path) -> Result<(Config, Vec<u8>)> {
 }
 
 async fn prepare(args: &InputArgs, no_color: bool) -> Result<Prepared> {
-    if args.filenames.is_empty() {
+    let from_cluster = args.filenames.is_empty();
+    if !from_cluster && (args.kubeconfig.is_some() || args.context.is_some()) {
         return Err(Error::Usage(
-            "-f is required: the manifests to plan (files, directories, or - for standard input)"
-                .into(),
+            "give -f (manifests) or --kubeconfig/--context (the cluster), not both".into(),
         ));
     }
     let (config, config_bytes) = load_config_bytes(&args.config)?;
-    let manifests = crate::manifests::load(&args.filenames)?;
+    let manifests = if from_cluster {
+        let client =
+            crate::cluster::client(args.kubeconfig.as_deref(), args.context.as_deref()).await?;
+        crate::cluster::load(&client).await?
+    } else {
+        crate::manifests::load(&args.filenames)?
+    };
     let mut services = Vec::with_capacity(manifests.services.len());
     for s in &manifests.services {
         services.push(ServiceSpec::from_k8s(s).map_err(|e| Error::Manifest {
