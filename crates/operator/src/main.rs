@@ -2,8 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 /// mimalloc rather than glibc's malloc: the controller parses every watched Service in full
 /// before stripping it, and glibc's per-thread arenas keep the freed space, so with 10,000
 /// Services the process held twice the memory it used (see the note on issue 4).
@@ -12,7 +10,13 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = match nodeport_firewall::cli::Cli::try_parse() {
+    use clap::{CommandFactory, FromArgMatches};
+    // Installed as `kubectl-nodeport_firewall`, help and errors say `kubectl nodeport-firewall`.
+    let parsed = nodeport_firewall::cli::Cli::command()
+        .bin_name(nodeport_firewall::cli::bin_name())
+        .try_get_matches()
+        .and_then(|m| nodeport_firewall::cli::Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             // Exit codes are a contract for CI (0 no changes, 2 changes pending, 1 anything

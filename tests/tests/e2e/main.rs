@@ -13,6 +13,7 @@ mod deploy;
 mod gcp;
 mod live;
 mod manifests;
+mod plugin;
 mod policy;
 mod run;
 

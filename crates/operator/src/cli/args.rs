@@ -6,6 +6,24 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::providers;
 
+/// The name the binary answers to: `nodeport-firewall`, or, installed as the kubectl plugin
+/// `kubectl-nodeport_firewall`, `kubectl nodeport-firewall` (in help and completions).
+pub fn bin_name() -> &'static str {
+    let invoked = std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    if invoked.starts_with("kubectl-") {
+        "kubectl nodeport-firewall"
+    } else {
+        "nodeport-firewall"
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "nodeport-firewall",
@@ -44,6 +62,11 @@ pub enum Command {
     /// Print the NodePortFirewallPolicy CustomResourceDefinition (YAML), as the Helm chart
     /// and the kustomize base ship it.
     Crd,
+    /// Print a shell completion script: `source <(nodeport-firewall completions bash)`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -59,6 +59,20 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Apply(args) => apply::apply(args).await,
         Command::Check(args) => check(args).await,
         Command::Run(args) => run_controller(args).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut command = Cli::command();
+            let name = args::bin_name();
+            // kubectl completes its plugins through a `kubectl_complete-<name>` script; the
+            // binary's own name is what the shell completes.
+            let bin = if name.starts_with("kubectl") {
+                "kubectl-nodeport_firewall"
+            } else {
+                name
+            };
+            clap_complete::generate(shell, &mut command, bin, &mut std::io::stdout());
+            Ok(EXIT_NO_CHANGES)
+        }
         Command::Crd => {
             print!("{}", crate::policy::crd_yaml().map_err(Error::Io)?);
             Ok(EXIT_NO_CHANGES)
