@@ -7,6 +7,7 @@ pub mod controller;
 pub mod manifests;
 pub mod output;
 pub mod policy;
+pub mod ports;
 pub mod providers;
 pub mod saved;
 

@@ -118,3 +118,22 @@ fn the_cluster_and_manifests_never_mix_and_a_refused_list_names_the_permission()
         unreachable.stderr
     );
 }
+
+#[test]
+fn ports_from_the_cluster_are_the_ports_from_manifests() {
+    let dir = Scratch::new();
+    let (_api, kubeconfig) = cluster(&dir);
+    let files = examples().join("cluster").display().to_string();
+    let config = config();
+    let kc = kubeconfig.display().to_string();
+    let offline = Cli::new()
+        .run("ports", &["-f", &files, "--config", &config, "-o", "json"])
+        .expect_exit(0);
+    let online = Cli::new()
+        .run(
+            "ports",
+            &["--kubeconfig", &kc, "--config", &config, "-o", "json"],
+        )
+        .expect_exit(0);
+    assert_eq!(online.stdout, offline.stdout);
+}

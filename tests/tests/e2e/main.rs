@@ -15,6 +15,7 @@ mod live;
 mod manifests;
 mod plugin;
 mod policy;
+mod ports;
 mod run;
 
 use std::path::{Path, PathBuf};

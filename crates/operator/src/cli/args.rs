@@ -62,6 +62,9 @@ pub enum Command {
     /// Print the NodePortFirewallPolicy CustomResourceDefinition (YAML), as the Helm chart
     /// and the kustomize base ship it.
     Crd,
+    /// The port register: one row per node port, whether it is managed and why not, the
+    /// pools and sources asked for, where the cloud firewall opens it now, and problems.
+    Ports(PortsArgs),
     /// Print a shell completion script: `source <(nodeport-firewall completions bash)`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -99,6 +102,30 @@ pub struct InputArgs {
     /// The in-memory provider's state file (JSON): read if it exists, written by apply.
     #[arg(long)]
     pub state: Option<PathBuf>,
+}
+
+/// Formats of `ports`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PortsFormat {
+    Text,
+    Json,
+    Markdown,
+}
+
+#[derive(Debug, Args)]
+pub struct PortsArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Output format: a table, JSON (docs/ports.md), or Markdown to commit as a register.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = PortsFormat::Text)]
+    pub output: PortsFormat,
+    /// Only the ports opened on this pool.
+    #[arg(long)]
+    pub pool: Option<String>,
+    /// Any problem (a duplicate or out-of-range nodePort, a port not open, a rule no
+    /// Service claims) exits 1, after the register is printed.
+    #[arg(long, env = "NPF_STRICT")]
+    pub strict: bool,
 }
 
 #[derive(Debug, Args)]

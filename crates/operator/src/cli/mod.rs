@@ -59,6 +59,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Apply(args) => apply::apply(args).await,
         Command::Check(args) => check(args).await,
         Command::Run(args) => run_controller(args).await,
+        Command::Ports(args) => ports(args).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut command = Cli::command();
@@ -86,6 +87,8 @@ struct Prepared {
     config_bytes: Vec<u8>,
     backend: providers::Backend,
     plan: nodeport_firewall_model::Plan,
+    /// The Services read (for `ports`).
+    services: Vec<ServiceSpec>,
     /// What the plan was made from, target by target.
     observed: engine::Observed,
     style: Style,
@@ -175,6 +178,7 @@ async fn prepare(args: &InputArgs, no_color: bool) -> Result<Prepared> {
         config_bytes,
         backend,
         plan,
+        services,
         observed,
         style: style(no_color),
     })
@@ -251,6 +255,7 @@ async fn prepare_saved(args: &ApplyArgs, file: &std::path::Path) -> Result<Prepa
         config_bytes,
         backend,
         plan,
+        services: Vec::new(),
         observed: engine::Observed::default(),
         style: style(args.plan.no_color),
     })
@@ -293,6 +298,26 @@ async fn plan(cmd: PlanCommand) -> Result<u8> {
         EXIT_ERROR
     } else if p.plan.has_changes() {
         EXIT_CHANGES
+    } else {
+        EXIT_NO_CHANGES
+    })
+}
+
+async fn ports(args: PortsArgs) -> Result<u8> {
+    let p = prepare(&args.input, true).await?;
+    let register = crate::ports::register(&p.config, &p.services, &p.plan, args.pool.as_deref());
+    let text = match args.output {
+        PortsFormat::Text => crate::ports::text(&register),
+        PortsFormat::Markdown => crate::ports::markdown(&register),
+        PortsFormat::Json => {
+            serde_json::to_string_pretty(&register).map_err(|e| Error::Io(e.to_string()))? + "\n"
+        }
+    };
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .map_err(|e| Error::Io(e.to_string()))?;
+    Ok(if args.strict && register.problems() > 0 {
+        EXIT_ERROR
     } else {
         EXIT_NO_CHANGES
     })
