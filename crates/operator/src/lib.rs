@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod controller;
+pub mod explain;
 pub mod manifests;
 pub mod output;
 pub mod policy;

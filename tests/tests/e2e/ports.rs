@@ -141,3 +141,57 @@ fn ports_say_where_each_node_port_is_open_and_what_is_wrong() {
         );
     }
 }
+
+#[test]
+fn explain_says_what_is_in_place_and_what_blocks_a_service() {
+    let dir = Scratch::new();
+    let state = dir.path("state.json").display().to_string();
+    let open = dir.write(
+        "open.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: open\n  namespace: shop\n  annotations:\n    nodeport-firewall.io/enabled: \"true\"\n    nodeport-firewall.io/allowed-source-ranges: 0.0.0.0/0\nspec:\n  type: NodePort\n  ports:\n  - {name: http, protocol: TCP, port: 80, nodePort: 30700}\n",
+    );
+    let files = format!("{},{}", cluster(), open.display());
+    let config = config();
+    let explain = |service: &str| {
+        Cli::new().run(
+            "explain",
+            &[
+                service, "-f", &files, "--config", &config, "--state", &state,
+            ],
+        )
+    };
+    // Before apply: asked for, not in place yet.
+    explain("shop/web").expect_exit(2).stdout_has(&[
+        "pool web -> memory:web",
+        "not in place yet",
+        "fix: run apply",
+    ]);
+    Cli::new()
+        .apply(&[
+            "-f", &files, "--config", &config, "--state", &state, "--yes",
+        ])
+        .expect_exit(0);
+    explain("shop/web").expect_exit(0).stdout_has(&[
+        "parsed: ports 30080/tcp, 30081/tcp",
+        "30080/tcp: open by rule r-",
+        "In place: every port is open as asked.",
+    ]);
+    explain("shop/legacy").expect_exit(2).stdout_has(&[
+        "invalid annotation",
+        "10.0.0.0/33",
+        "fix: fix the annotation",
+    ]);
+    explain("shop/debug")
+        .expect_exit(2)
+        .stdout_has(&["not managed: opted out", "fix: annotate it"]);
+    explain("shop/open")
+        .expect_exit(2)
+        .stdout_has(&["closed by the policy", "whole Internet"]);
+    let missing = explain("shop/nope").expect_exit(1);
+    assert!(
+        missing.stderr.contains("no Service shop/nope"),
+        "{}",
+        missing.stderr
+    );
+    explain("no-slash").expect_exit(1);
+}

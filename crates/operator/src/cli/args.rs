@@ -65,6 +65,10 @@ pub enum Command {
     /// The port register: one row per node port, whether it is managed and why not, the
     /// pools and sources asked for, where the cloud firewall opens it now, and problems.
     Ports(PortsArgs),
+    /// One Service in plain words: its annotations as parsed, the policy, its pools and
+    /// targets, the rules that carry its ports, and what blocks it, with the fix.
+    /// Exit 0: fully open as asked, 2: something it asks for is not in place, 1: error.
+    Explain(ExplainArgs),
     /// Print a shell completion script: `source <(nodeport-firewall completions bash)`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -126,6 +130,14 @@ pub struct PortsArgs {
     /// Service claims) exits 1, after the register is printed.
     #[arg(long, env = "NPF_STRICT")]
     pub strict: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The Service, as NAMESPACE/NAME.
+    pub service: String,
+    #[command(flatten)]
+    pub input: InputArgs,
 }
 
 #[derive(Debug, Args)]

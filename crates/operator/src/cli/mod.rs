@@ -60,6 +60,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Check(args) => check(args).await,
         Command::Run(args) => run_controller(args).await,
         Command::Ports(args) => ports(args).await,
+        Command::Explain(args) => explain(args).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut command = Cli::command();
@@ -320,6 +321,30 @@ async fn ports(args: PortsArgs) -> Result<u8> {
         EXIT_ERROR
     } else {
         EXIT_NO_CHANGES
+    })
+}
+
+async fn explain(args: ExplainArgs) -> Result<u8> {
+    if !args.service.contains('/') {
+        return Err(Error::Usage(format!(
+            "explain takes NAMESPACE/NAME, not {:?}",
+            args.service
+        )));
+    }
+    let p = prepare(&args.input, true).await?;
+    let Some(e) = crate::explain::explain(&p.config, &p.services, &p.plan, &args.service) else {
+        return Err(Error::Io(format!(
+            "no Service {} in the input",
+            args.service
+        )));
+    };
+    std::io::stdout()
+        .write_all(e.text.as_bytes())
+        .map_err(|e| Error::Io(e.to_string()))?;
+    Ok(if e.in_place {
+        EXIT_NO_CHANGES
+    } else {
+        EXIT_CHANGES
     })
 }
 
