@@ -137,3 +137,25 @@ fn ports_from_the_cluster_are_the_ports_from_manifests() {
         .expect_exit(0);
     assert_eq!(online.stdout, offline.stdout);
 }
+
+#[test]
+fn explain_reads_the_cluster_too() {
+    let dir = Scratch::new();
+    let (_api, kubeconfig) = cluster(&dir);
+    let kc = kubeconfig.display().to_string();
+    let config = config();
+    Cli::new()
+        .run(
+            "explain",
+            &["shop/legacy", "--kubeconfig", &kc, "--config", &config],
+        )
+        .expect_exit(2)
+        .stdout_has(&["invalid annotation", "10.0.0.0/33"]);
+    Cli::new()
+        .run(
+            "explain",
+            &["shop/web", "--kubeconfig", &kc, "--config", &config],
+        )
+        .expect_exit(2)
+        .stdout_has(&["pool web -> memory:web", "not in place yet"]);
+}

@@ -187,6 +187,19 @@ fn explain_says_what_is_in_place_and_what_blocks_a_service() {
     explain("shop/open")
         .expect_exit(2)
         .stdout_has(&["closed by the policy", "whole Internet"]);
+    // Someone's rule allows exactly what ingress asks for on web: it is open, by them.
+    let mut st: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    for r in st["targets"]["web"].as_array_mut().unwrap() {
+        if r["services"] == json!(["ingress/ingress"]) {
+            r["owner"] = Value::Null;
+            r["id"] = json!("by-hand");
+        }
+    }
+    std::fs::write(&state, st.to_string()).unwrap();
+    explain("ingress/ingress").expect_exit(0).stdout_has(&[
+        "32443/tcp: open by by-hand, a rule nodeport-firewall does not own",
+        "In place",
+    ]);
     let missing = explain("shop/nope").expect_exit(1);
     assert!(
         missing.stderr.contains("no Service shop/nope"),
