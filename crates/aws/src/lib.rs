@@ -174,6 +174,8 @@ impl AwsProvider {
             max_rules_reason: None,
             updates_in_place: false,
             priorities: None,
+            own_priority: None,
+            deny_wins_ties: false,
         }
     }
 }

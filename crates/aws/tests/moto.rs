@@ -644,6 +644,16 @@ impl Harness for AwsHarness<'_> {
         self.env.seed(&target.id, owner, rule).await;
         Ok(())
     }
+
+    /// Security groups only allow: a foreign Allow is in force, whatever else is there.
+    async fn seed_shadowed_allow(
+        &self,
+        target: &Target,
+        rule: &Rule,
+    ) -> nodeport_firewall_provider::Result<Option<String>> {
+        self.env.seed(&target.id, None, rule).await;
+        Ok(None)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

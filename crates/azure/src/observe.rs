@@ -101,6 +101,8 @@ impl AzureProvider {
                     from: u32::try_from(band.from).unwrap_or(0),
                     to: u32::try_from(band.to).unwrap_or(0),
                 }),
+                own_priority: None,
+                deny_wins_ties: false,
             },
         };
         Ok(observation)

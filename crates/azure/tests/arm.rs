@@ -181,6 +181,17 @@ impl Harness for ArmHarness {
         seed(&self.server, &target.id, owner, rule);
         Ok(())
     }
+
+    async fn seed_shadowed_allow(
+        &self,
+        _target: &Target,
+        _rule: &Rule,
+    ) -> nodeport_firewall_provider::Result<Option<String>> {
+        Err(nodeport_firewall_provider::Error::new(
+            nodeport_firewall_provider::ErrorKind::Unsupported,
+            "TODO(issue 14): seed a foreign Deny",
+        ))
+    }
 }
 
 /// Writes `rule` as another tool would, at the lowest free priority of our default band,

@@ -220,6 +220,8 @@ impl GcpProvider {
             max_rules_reason: None,
             updates_in_place: true,
             priorities: None,
+            own_priority: None,
+            deny_wins_ties: false,
         }
     }
 }

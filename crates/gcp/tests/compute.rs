@@ -169,6 +169,17 @@ impl Harness for GcpHarness {
             .unwrap();
         Ok(())
     }
+
+    async fn seed_shadowed_allow(
+        &self,
+        _target: &Target,
+        _rule: &Rule,
+    ) -> nodeport_firewall_provider::Result<Option<String>> {
+        Err(nodeport_firewall_provider::Error::new(
+            nodeport_firewall_provider::ErrorKind::Unsupported,
+            "TODO(issue 14): seed a foreign Deny",
+        ))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -65,6 +65,8 @@ fn bench(c: &mut Criterion) {
         max_rules_reason: None,
         updates_in_place: true,
         priorities: None,
+        own_priority: None,
+        deny_wins_ties: false,
     };
     let renderer =
         ShapeRenderer::named(|p: &NameParts<'_>| format!("npf-bench-{}", p.short_hash()));

@@ -49,7 +49,7 @@ pub use render::{Render, ShapeRenderer};
 pub use rule::{Limits, PortRange, PriorityRange, Protocol, Rule, RuleContent};
 pub use service::{ServicePort, ServiceRef, ServiceSpec, ServiceType};
 pub use set::{PoolSet, ServiceSet, SharedSet};
-pub use target::MarkerDigest;
+pub use target::{Denial, MarkerDigest};
 pub use warnings::{Warning, WarningKind};
 
 /// Errors of the pure model: invalid configuration or unreadable input objects.

@@ -206,6 +206,14 @@ pub struct Limits {
     /// free. `None`: rules have no priority, or a fixed one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub priorities: Option<PriorityRange>,
+    /// The priority every rule of ours is written at, where the plan does not choose one
+    /// (GCP: `gcp.priority`). Lower numbers are evaluated first, on every cloud.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub own_priority: Option<u32>,
+    /// Whether a Deny wins over an Allow of the same priority (GCP). Where priorities are
+    /// unique (Azure) it never matters.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub deny_wins_ties: bool,
 }
 
 /// An inclusive range of rule priorities.
@@ -227,6 +235,8 @@ impl Default for Limits {
             max_rules_reason: None,
             updates_in_place: false,
             priorities: None,
+            own_priority: None,
+            deny_wins_ties: false,
         }
     }
 }

@@ -5,8 +5,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use ipnet::IpNet;
+
 use crate::failure::Failure;
-use crate::rule::{Limits, Rule};
+use crate::rule::{Limits, PortRange, Protocol, Rule, RuleContent};
 
 /// A place rules are written to: an AWS security group, a GCP network, an Azure NSG.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -85,6 +87,64 @@ pub struct ObservedRule {
     /// change; so the facts live in the observation and the plan, not in the provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<serde_json::Value>,
+    /// Set when the rule denies traffic: what it may match. Such a rule is never ours, and
+    /// `rule.content` then holds no sources, so it never satisfies a wanted rule; the
+    /// planner uses it to tell whether an Allow behind it is in force
+    /// ([`crate::plan`]'s shadowing check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny: Option<Denial>,
+    /// Set, with the reason, when a rule of ours is not in force as written (an Azure rule
+    /// in `provisioningState: Failed`, or `Updating` past the timeout): the plan writes it
+    /// again as an update, even though its content is what is wanted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needs_rewrite: Option<String>,
+}
+
+/// What a rule that denies traffic may match. A provider fills it never narrower than
+/// the cloud's rule: what it cannot say exactly (a service tag, `*`) is "every".
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Denial {
+    /// `None`: every protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    /// Empty: every port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRange>,
+    /// Empty: every source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<IpNet>,
+    /// The scopes it applies to, encoded as [`crate::RuleContent::scope`] is. Empty: the
+    /// whole target, every scope in it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+}
+
+impl Denial {
+    /// Whether this denial may match any part of what `content` allows.
+    pub fn overlaps(&self, content: &RuleContent) -> bool {
+        let scope = self.scopes.is_empty()
+            || content
+                .scope
+                .as_ref()
+                .is_none_or(|s| self.scopes.iter().any(|d| d == s));
+        let protocol = self.protocol.is_none_or(|p| p == content.protocol);
+        let ports = self.ports.is_empty()
+            || self.ports.iter().any(|d| {
+                content
+                    .ports
+                    .iter()
+                    .any(|w| d.from <= w.to && w.from <= d.to)
+            });
+        let sources = self.sources.is_empty()
+            || self.sources.iter().any(|d| {
+                content
+                    .sources
+                    .iter()
+                    .any(|w| d.contains(&w.network()) || w.contains(&d.network()))
+            });
+        scope && protocol && ports && sources
+    }
 }
 
 impl ObservedRule {
@@ -97,6 +157,8 @@ impl ObservedRule {
             priority: None,
             digest: None,
             payload: None,
+            deny: None,
+            needs_rewrite: None,
         }
     }
 

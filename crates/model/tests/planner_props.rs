@@ -146,6 +146,8 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                         max_rules_reason: None,
                         updates_in_place: in_place && named,
                         priorities: None,
+                        own_priority: None,
+                        deny_wins_ties: false,
                     },
                     named,
                     shared_target: shared,

@@ -41,6 +41,12 @@ pub trait Harness: Send + Sync {
     /// Writes a rule directly on the target, as another tool would: with no ownership
     /// marker (`owner: None`) or with another cluster's marker.
     async fn seed_foreign(&self, target: &Target, owner: Option<&str>, rule: &Rule) -> Result<()>;
+    /// Writes, as another tool would, a foreign Allow for exactly `rule`'s content and a
+    /// foreign Deny evaluated before it that covers all of it, at a priority our rules can
+    /// still come before (inside the provider's band, or after its fixed priority).
+    /// Returns the Deny's name as observed (`ObservedRule.rule.name`, else its id), or
+    /// `None` when the cloud has no Deny rules (an EC2 security group).
+    async fn seed_shadowed_allow(&self, target: &Target, rule: &Rule) -> Result<Option<String>>;
 }
 
 /// Runs every scenario.

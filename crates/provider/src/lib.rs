@@ -19,7 +19,7 @@ pub use nodeport_firewall_model::{
     Action, Change, Limits, ManualSteps, Observation, ObservedRule, Plan, PlanError, PoolTarget,
     Render, Rule, RuleContent, Target, TargetPlan,
 };
-use nodeport_firewall_model::{NodeSpec, PoolName};
+use nodeport_firewall_model::{Config, NodeSpec, PoolName};
 use serde::Serialize;
 
 pub use engine::{ApplyOutcome, Observed, apply, plan, plan_with_cache};
@@ -186,6 +186,17 @@ pub trait Provider: Send + Sync {
     /// decides. The engine has checked ownership against the observation the plan was made
     /// from ([`guard`]). A failure part-way says what was written before it.
     async fn apply(&self, plan: &TargetPlan) -> std::result::Result<ApplyReport, ApplyFailure>;
+
+    /// Targets that hold rules of ours, found by our ownership marker rather than through
+    /// the pools: where a pool's rules stay when the pool is set `managed: false`, is gone,
+    /// or now maps elsewhere. The engine plans every such target that no managed pool maps
+    /// to, and removes the orphans there. Found with few reads (AWS: one tag-filtered
+    /// `DescribeSecurityGroupRules` per region; GCP: firewalls by name prefix; Azure: the
+    /// NSGs named in config). `config` is the whole operator config, unmanaged pools too.
+    /// Empty when the provider cannot search.
+    async fn owned_targets(&self, _config: &Config) -> Result<Vec<Target>> {
+        Ok(Vec::new())
+    }
 
     /// Permission preflight: the cloud permissions the credentials lack on `target`, by
     /// name, found without changing anything. Empty when all checks pass or the provider

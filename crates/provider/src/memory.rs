@@ -39,6 +39,8 @@ impl Default for MemoryConfig {
                 max_rules_reason: None,
                 updates_in_place: true,
                 priorities: None,
+                own_priority: None,
+                deny_wins_ties: false,
             },
             named_rules: true,
         }
@@ -364,6 +366,17 @@ mod tests {
                 .seed(&target.id, owner, rule.clone())
                 .map(|_| ())
         }
+
+        async fn seed_shadowed_allow(
+            &self,
+            _target: &Target,
+            _rule: &Rule,
+        ) -> Result<Option<String>> {
+            Err(crate::Error::new(
+                crate::ErrorKind::Unsupported,
+                "TODO(issue 14): seed a foreign Deny",
+            ))
+        }
     }
 
     #[tokio::test]
@@ -388,6 +401,8 @@ mod tests {
                 max_rules_reason: None,
                 updates_in_place: false,
                 priorities: None,
+                own_priority: None,
+                deny_wins_ties: false,
             },
             named_rules: false,
         };

@@ -119,6 +119,18 @@ pub enum PlanError {
         from: u32,
         to: u32,
     },
+    /// A rule of ours would be evaluated after a Deny that covers part of its traffic, and
+    /// no priority our rules may take comes before it: the rule would not let it through.
+    Shadowed {
+        /// The rule of ours, by its name or its ports and sources.
+        rule: String,
+        /// The Deny, by its name or id.
+        deny: String,
+        /// The Deny's priority.
+        priority: u32,
+        /// The best priority our rule could have.
+        best: u32,
+    },
 }
 
 impl PlanError {
@@ -138,6 +150,7 @@ impl PlanError {
             | PlanError::SourceQuota { .. }
             | PlanError::DestinationQuota { .. }
             | PlanError::Priorities { .. } => ErrorKind::QuotaExceeded,
+            PlanError::Shadowed { .. } => ErrorKind::Config,
             PlanError::RuleShape { .. } => ErrorKind::Invalid,
             PlanError::Observe { error_kind, .. } => *error_kind,
         }
@@ -193,6 +206,15 @@ impl fmt::Display for PlanError {
             } => write!(
                 f,
                 "{adds} new rules need a priority, but only {free} of {from}-{to} are free"
+            ),
+            PlanError::Shadowed {
+                rule,
+                deny,
+                priority,
+                best,
+            } => write!(
+                f,
+                "rule {rule} would be shadowed by the Deny rule {deny} at priority {priority}: the best priority ours can take is {best}; move the Deny or give nodeport-firewall a priority before it"
             ),
         }
     }
