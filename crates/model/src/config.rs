@@ -18,8 +18,16 @@ pub const DEFAULT_NODE_PORT_RANGE: PortRange = PortRange {
 };
 use crate::{Error, Result};
 
+/// The pool label a kubelet cannot set (the NodeRestriction admission plugin refuses
+/// `node-restriction.kubernetes.io/` keys from kubelets): set it with the cloud's node
+/// group or node pool settings, or by an admin.
+pub const RESTRICTED_POOL_LABEL: &str = "node-restriction.kubernetes.io/nodeport-firewall-pool";
+
 /// The node labels that name a node's pool, in priority order, when the config gives none.
+/// The first is the one to use: a kubelet cannot set it on its own Node (NodeRestriction),
+/// so a node cannot move itself into another pool.
 pub const DEFAULT_POOL_LABELS: &[&str] = &[
+    RESTRICTED_POOL_LABEL,
     "nodeport-firewall.io/pool",
     "eks.amazonaws.com/nodegroup",
     "alpha.eksctl.io/nodegroup-name",

@@ -95,6 +95,9 @@ pub struct Desired {
     pub unpooled_nodes: Vec<String>,
     /// How many Nodes were given.
     pub nodes: usize,
+    /// The labels that named each pool's Nodes (what a node could forge, if a kubelet may
+    /// set the label: see [`crate::node::kubelet_may_set`]).
+    pub pool_label_keys: BTreeMap<PoolName, BTreeSet<String>>,
     /// Invalid Services: their existing rules are kept exactly as they are.
     pub pinned: BTreeSet<ServiceRef>,
     /// Services the policy refused, with why: their rules are removed, and the plan says so.
@@ -170,13 +173,22 @@ pub fn desired_with(
     for name in config.pools.keys() {
         pools.insert(name.clone(), new_pool(config, name));
     }
+    let mut pool_label_keys: BTreeMap<PoolName, BTreeSet<String>> = BTreeMap::new();
     for node in nodes {
-        match node.pool(&config.pool_labels) {
-            Some(pool) => pools
-                .entry(pool.clone())
-                .or_insert_with(|| new_pool(config, &pool))
-                .nodes
-                .push(node.clone()),
+        match node.pool_and_label(&config.pool_labels) {
+            Some((pool, key)) => {
+                if !pool_label_keys.get(&pool).is_some_and(|k| k.contains(key)) {
+                    pool_label_keys
+                        .entry(pool.clone())
+                        .or_default()
+                        .insert(key.to_string());
+                }
+                pools
+                    .entry(pool.clone())
+                    .or_insert_with(|| new_pool(config, &pool))
+                    .nodes
+                    .push(node.clone())
+            }
             None => unpooled_nodes.push(node.name.clone()),
         }
     }
@@ -374,6 +386,7 @@ pub fn desired_with(
         services: Arc::new(reports),
         unpooled_nodes,
         nodes: nodes.len(),
+        pool_label_keys,
         pinned,
         closed,
         held_ports,

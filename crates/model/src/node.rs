@@ -75,11 +75,16 @@ impl NodeSpec {
 
     /// The pool of this node: the value of the first of `pool_labels` it carries.
     pub fn pool(&self, pool_labels: &[String]) -> Option<PoolName> {
+        self.pool_and_label(pool_labels).map(|(pool, _)| pool)
+    }
+
+    /// The pool of this node and the label that named it.
+    pub fn pool_and_label<'a>(&self, pool_labels: &'a [String]) -> Option<(PoolName, &'a str)> {
         pool_labels
             .iter()
-            .find_map(|key| self.labels.get(key))
-            .filter(|v| !v.is_empty())
-            .map(|v| PoolName(v.clone()))
+            .find_map(|key| self.labels.get(key).map(|v| (v, key)))
+            .filter(|(v, _)| !v.is_empty())
+            .map(|(v, key)| (PoolName(v.clone()), key.as_str()))
     }
 
     /// Reads a Kubernetes Node, keeping only the labels in `pool_labels`.
@@ -119,6 +124,38 @@ impl NodeSpec {
             internal_ips,
         })
     }
+}
+
+/// Whether a kubelet may set label `key` on its own Node. The NodeRestriction admission
+/// plugin forbids keys under `node-restriction.kubernetes.io/`, and keys under
+/// `kubernetes.io/` or `k8s.io/` (and their subdomains) except a fixed allowed set; any
+/// other key a node can set on itself, and so move itself into another pool.
+pub fn kubelet_may_set(key: &str) -> bool {
+    let Some((domain, _)) = key.split_once('/') else {
+        return true; // no prefix: anyone with update on the Node, the kubelet included
+    };
+    let under = |d: &str| domain == d || domain.ends_with(&format!(".{d}"));
+    if under("node-restriction.kubernetes.io") {
+        return false;
+    }
+    if !(under("kubernetes.io") || under("k8s.io")) {
+        return true;
+    }
+    // The keys NodeRestriction still lets a kubelet set in those domains.
+    const ALLOWED: &[&str] = &[
+        "kubernetes.io/hostname",
+        "kubernetes.io/arch",
+        "kubernetes.io/os",
+        "beta.kubernetes.io/arch",
+        "beta.kubernetes.io/os",
+        "beta.kubernetes.io/instance-type",
+        "node.kubernetes.io/instance-type",
+        "failure-domain.beta.kubernetes.io/region",
+        "failure-domain.beta.kubernetes.io/zone",
+        "topology.kubernetes.io/region",
+        "topology.kubernetes.io/zone",
+    ];
+    ALLOWED.contains(&key) || under("kubelet.kubernetes.io") || under("node.kubernetes.io")
 }
 
 /// Whether `s` is a valid Kubernetes label value (pool names are label values).

@@ -29,6 +29,14 @@ pub enum WarningKind {
     EmptyInput,
     /// A document of the input that is not an object the plan reads (no `kind`).
     InputSkipped,
+    /// A pool is named by a label its own kubelet may set: a node can move itself into
+    /// another pool.
+    KubeletSetPoolLabel,
+    /// Two pools resolve to the same target and scope: a Service meant for one opens on
+    /// both.
+    SharedTarget,
+    /// The search for targets holding orphaned rules of ours failed: orphans may remain.
+    OrphanSearch,
 }
 
 impl fmt::Display for WarningKind {
@@ -129,6 +137,27 @@ pub fn of(desired: &Desired) -> Vec<Warning> {
             Some(n.clone()),
             format!(
                 "node {n} has none of the pool labels (poolLabels in the config); it belongs to no pool"
+            ),
+        ));
+    }
+    let forgeable: Vec<String> = desired
+        .pool_label_keys
+        .iter()
+        .filter(|(pool, _)| desired.pools.get(*pool).is_some_and(|p| p.managed))
+        .flat_map(|(pool, keys)| {
+            keys.iter()
+                .filter(|k| crate::node::kubelet_may_set(k))
+                .map(move |k| format!("{pool} ({k})"))
+        })
+        .collect();
+    if !forgeable.is_empty() {
+        out.push(Warning::new(
+            WarningKind::KubeletSetPoolLabel,
+            None,
+            format!(
+                "pools come from node labels a kubelet can set on its own Node, so a node can move itself into another pool: {}; label the nodes with {} (kubelets cannot set it) through the node group or node pool settings",
+                forgeable.join(", "),
+                crate::config::RESTRICTED_POOL_LABEL
             ),
         ));
     }

@@ -56,6 +56,9 @@ pub async fn run_all(h: &dyn Harness) {
     removing_a_service_removes_exactly_its_rules(h).await;
     exceeded_limit_is_a_plan_error_before_any_write(h).await;
     a_fresh_instance_plans_as_a_long_lived_one(h).await;
+    a_foreign_allow_behind_a_deny_does_not_satisfy(h).await;
+    orphans_of_an_unmanaged_or_gone_pool_are_removed(h).await;
+    a_pool_scaled_to_zero_keeps_its_rules_only_while_listed(h).await;
 }
 
 fn services() -> Vec<ServiceSpec> {
@@ -77,8 +80,26 @@ fn services() -> Vec<ServiceSpec> {
 }
 
 async fn plan_for(h: &dyn Harness, f: &PoolFixture, services: &[ServiceSpec]) -> Plan {
-    let d = desired(&f.config, services, &f.nodes);
-    engine::plan(h.provider(), &f.config, &d).await
+    plan_with(h.provider(), f, services).await
+}
+
+/// The part of `plan` about the scenario's pool. Every scenario has a pool of its own,
+/// listed alone in its config: to it the pools of earlier scenarios are gone, and their
+/// rules orphans, which the engine finds and plans to remove. Those targets are the
+/// business of the scenarios about orphans, not of this one.
+fn scoped(mut plan: Plan, f: &PoolFixture) -> Plan {
+    let ours = |t: &nodeport_firewall_model::TargetPlan| {
+        t.pools.contains(&f.pool) || t.changes.iter().any(|c| c.rule.pools.contains(&f.pool))
+    };
+    plan.targets.retain(ours);
+    let s = &mut plan.summary;
+    (s.add, s.remove, s.update) = (0, 0, 0);
+    for t in plan.targets.iter().filter(|t| t.error.is_none()) {
+        s.add += t.count(Action::Add);
+        s.remove += t.count(Action::Remove);
+        s.update += t.count(Action::Update);
+    }
+    plan
 }
 
 fn target_of(plan: &Plan, f: &PoolFixture) -> Target {
@@ -406,7 +427,7 @@ fn crowd() -> Vec<ServiceSpec> {
 /// Plans with `provider`, asserting nothing.
 async fn plan_with(provider: &dyn Provider, f: &PoolFixture, services: &[ServiceSpec]) -> Plan {
     let d = desired(&f.config, services, &f.nodes);
-    engine::plan(provider, &f.config, &d).await
+    scoped(engine::plan(provider, &f.config, &d).await, f)
 }
 
 /// The plan is the only memory: a new provider instance between every step (plan, apply,
@@ -486,6 +507,225 @@ pub async fn a_fresh_instance_plans_as_a_long_lived_one(h: &dyn Harness) {
         fresh.pools
     );
     assert_eq!(fresh.summary.remove, 0, "{fresh:#?}");
+}
+
+/// One Service on one port, for the scenarios about a single rule.
+fn single(name: &str, port: i32) -> Vec<ServiceSpec> {
+    vec![
+        ServiceSpec::nodeport("conformance", name)
+            .with_port("p", "TCP", 80, port)
+            .enabled()
+            .with_ranges("10.0.0.0/8"),
+    ]
+}
+
+/// A foreign Allow for exactly what a Service wants, behind a foreign Deny evaluated
+/// before it, lets nothing through: the plan adds a rule of ours that comes before the
+/// Deny, and the cloud holds all three. Where the cloud has no Deny rules, the Allow
+/// satisfies the Service.
+pub async fn a_foreign_allow_behind_a_deny_does_not_satisfy(h: &dyn Harness) {
+    let f = h.fresh_pool("shadowed").await;
+    let svcs = single("shadowed", 30400);
+    let probe = plan_for(h, &f, &svcs).await;
+    let target = target_of(&probe, &f);
+    let wanted: Vec<Rule> = wanted(&probe, &target);
+    let [rule] = wanted.as_slice() else {
+        panic!("expected one wanted rule, got {wanted:#?}");
+    };
+    let deny = match h.seed_shadowed_allow(&target, rule).await {
+        Ok(d) => d,
+        Err(e) => panic!("seed: {e}"),
+    };
+    let plan = plan_for(h, &f, &svcs).await;
+    let tp = plan
+        .targets
+        .iter()
+        .find(|t| t.target == target)
+        .unwrap_or_else(|| panic!("target missing: {plan:#?}"));
+    assert_eq!(tp.error, None, "{tp:#?}");
+    let Some(deny) = deny else {
+        assert_eq!(
+            (tp.count(Action::SatisfiedByForeign), tp.count(Action::Add)),
+            (1, 0),
+            "without Deny rules the foreign Allow is in force: {:#?}",
+            tp.changes
+        );
+        return;
+    };
+    assert_eq!(
+        tp.count(Action::SatisfiedByForeign),
+        0,
+        "a shadowed Allow satisfied the Service: {:#?}",
+        tp.changes
+    );
+    let adds: Vec<_> = tp.of(Action::Add).collect();
+    assert_eq!(adds.len(), 1, "{:#?}", tp.changes);
+    assert!(
+        adds[0].note.as_deref().is_some_and(|n| n.contains(&deny)),
+        "the add names the Deny {deny}: {:?}",
+        adds[0].note
+    );
+    let observation = match h.provider().observe(&target).await {
+        Ok(o) => o,
+        Err(e) => panic!("observe: {e}"),
+    };
+    let denied_at = observation
+        .rules
+        .iter()
+        .find(|r| {
+            r.deny.is_some()
+                && (r.rule.name.as_deref() == Some(&deny) || r.id.as_deref() == Some(&deny))
+        })
+        .and_then(|r| r.priority)
+        .unwrap_or_else(|| {
+            panic!("the Deny {deny} is not observed with a priority: {observation:#?}")
+        });
+    let ours_at = adds[0].priority.or(observation.limits.own_priority);
+    assert!(
+        ours_at.is_some_and(|p| p < denied_at),
+        "ours at {ours_at:?} must come before the Deny at {denied_at}"
+    );
+    apply_ok(h, &plan).await;
+    let (ours, theirs) = observed(h, &target).await;
+    assert_eq!(contents(&ours), contents(&wanted), "{ours:#?}");
+    assert_eq!(
+        theirs.len(),
+        2,
+        "the foreign Allow and Deny stay: {theirs:#?}"
+    );
+    assert_no_writes(&plan_for(h, &f, &svcs).await, "plan after apply");
+}
+
+/// The plan for `target` alone, from a plan of everything.
+fn only(plan: &Plan, target: &Target) -> Plan {
+    let mut p = plan.clone();
+    p.targets.retain(|t| &t.target == target);
+    p
+}
+
+/// Plans `services` on `nodes` under `config`, the whole plan: every target found.
+async fn plan_all(
+    h: &dyn Harness,
+    config: &Config,
+    services: &[ServiceSpec],
+    nodes: &[NodeSpec],
+) -> Plan {
+    engine::plan(h.provider(), config, &desired(config, services, nodes)).await
+}
+
+/// Asserts that `plan` removes every rule of ours on `target`, each saying why.
+fn removes_all_ours(plan: &Plan, target: &Target, ours: usize, why: &str) {
+    let tp = plan
+        .targets
+        .iter()
+        .find(|t| &t.target == target)
+        .unwrap_or_else(|| {
+            panic!("{why}: the target holding orphans is not in the plan: {plan:#?}")
+        });
+    assert_eq!(tp.error, None, "{why}: {tp:#?}");
+    let removes: Vec<_> = tp.of(Action::Remove).collect();
+    assert_eq!(removes.len(), ours, "{why}: {:#?}", tp.changes);
+    for r in removes {
+        assert!(
+            r.note
+                .as_deref()
+                .is_some_and(|n| n.starts_with("orphan:") && n.contains(why)),
+            "{why}: {:?}",
+            r.note
+        );
+    }
+    assert_eq!(tp.count(Action::Add), 0, "{why}: {:#?}", tp.changes);
+}
+
+/// Rules of ours whose pool is set `managed: false`, or is gone (no Nodes, not in the
+/// config), are found on their target and removed, saying why; rules of others there
+/// stay.
+pub async fn orphans_of_an_unmanaged_or_gone_pool_are_removed(h: &dyn Harness) {
+    let f = h.fresh_pool("orphan").await;
+    let svcs = single("orphan", 30410);
+    let first = plan_for(h, &f, &svcs).await;
+    let target = target_of(&first, &f);
+    apply_ok(h, &first).await;
+    let foreign = Rule {
+        name: Some("someone-elses".into()),
+        content: RuleContent {
+            ports: vec![nodeport_firewall_model::PortRange::single(30411)],
+            ..wanted(&first, &target)[0].content.clone()
+        },
+        services: Default::default(),
+        pools: Default::default(),
+    };
+    if let Err(e) = h.seed_foreign(&target, None, &foreign).await {
+        panic!("seed: {e}");
+    }
+    let (ours, _) = observed(h, &target).await;
+    assert!(!ours.is_empty());
+
+    let mut unmanaged = f.config.clone();
+    unmanaged.pools.entry(f.pool.clone()).or_default().managed = Some(false);
+    let plan = plan_all(h, &unmanaged, &svcs, &f.nodes).await;
+    removes_all_ours(
+        &plan,
+        &target,
+        ours.len(),
+        &format!("pool {} is unmanaged", f.pool),
+    );
+
+    let mut gone = f.config.clone();
+    gone.pools.remove(&f.pool);
+    let plan = plan_all(h, &gone, &svcs, &[]).await;
+    removes_all_ours(
+        &plan,
+        &target,
+        ours.len(),
+        &format!("pool {} is gone", f.pool),
+    );
+    apply_ok(h, &only(&plan, &target)).await;
+    let (ours, theirs) = observed(h, &target).await;
+    assert!(ours.is_empty(), "orphans left: {ours:#?}");
+    assert_eq!(theirs.len(), 1, "the rule of others stays: {theirs:#?}");
+    let again = plan_all(h, &gone, &svcs, &[]).await;
+    assert_no_writes(&only(&again, &target), "plan after the orphans went");
+}
+
+/// A pool whose Nodes are all gone keeps its rules while the config lists it, on every
+/// cloud, and loses them once it does not.
+pub async fn a_pool_scaled_to_zero_keeps_its_rules_only_while_listed(h: &dyn Harness) {
+    let f = h.fresh_pool("zero").await;
+    let svcs = single("zero", 30420);
+    let first = plan_for(h, &f, &svcs).await;
+    let target = target_of(&first, &f);
+    apply_ok(h, &first).await;
+    let (ours, _) = observed(h, &target).await;
+    assert!(!ours.is_empty());
+
+    let mut listed = f.config.clone();
+    listed.pools.entry(f.pool.clone()).or_default();
+    let plan = plan_all(h, &listed, &svcs, &[]).await;
+    assert_no_writes(&only(&plan, &target), "a listed pool scaled to zero");
+    assert_eq!(
+        plan.summary.errors, 0,
+        "scaling to zero is not an error: {plan:#?}"
+    );
+    apply_ok(h, &only(&plan, &target)).await;
+    let (still, _) = observed(h, &target).await;
+    assert_eq!(still, ours, "a listed pool scaled to zero keeps its rules");
+
+    let mut unlisted = f.config.clone();
+    unlisted.pools.remove(&f.pool);
+    let plan = plan_all(h, &unlisted, &svcs, &[]).await;
+    removes_all_ours(
+        &plan,
+        &target,
+        ours.len(),
+        &format!("pool {} is gone", f.pool),
+    );
+    apply_ok(h, &only(&plan, &target)).await;
+    let (left, _) = observed(h, &target).await;
+    assert!(
+        left.is_empty(),
+        "an unlisted pool scaled to zero keeps nothing: {left:#?}"
+    );
 }
 
 async fn apply_ok_with(provider: &dyn Provider, plan: &Plan) {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use futures::stream::{self, StreamExt};
 use nodeport_firewall_model::{
     Config, Desired, Observation, ObservationResult, Plan, PlanError, PoolName, PoolResolution,
-    PoolState, Target, TargetPlan,
+    PoolState, Target, TargetPlan, Warning, WarningKind,
 };
 use serde::Serialize;
 use tracing::{Instrument, info, info_span, instrument, warn};
@@ -75,6 +75,17 @@ pub async fn plan_with_cache(
         .flatten()
         .map(|pt| pt.target.clone())
         .collect();
+    // Targets holding rules of ours that no pool may map to any more: read and planned
+    // like the others, so that their orphans go. A failed search removes nothing, and
+    // says so.
+    let orphan_search = provider
+        .owned_targets(config)
+        .instrument(info_span!("owned_targets"))
+        .await;
+    match &orphan_search {
+        Ok(found) => targets.extend(found.iter().cloned()),
+        Err(e) => warn!(error = %e, "cannot search for targets holding rules of ours"),
+    }
     targets.sort();
     targets.dedup();
     // Forget targets no pool maps to any more, so the cache cannot grow without bound.
@@ -104,6 +115,15 @@ pub async fn plan_with_cache(
         reads += stale.len();
         observations.extend(observe(provider, stale).await);
         plan = plan_pure(provider, desired, &resolutions, &observations);
+    }
+    if let Err(e) = orphan_search {
+        plan.warnings.push(Warning::new(
+            WarningKind::OrphanSearch,
+            None,
+            format!(
+                "could not search for targets that hold rules of ours ({e}): rules of pools that are now unmanaged, gone or re-targeted are not removed this time"
+            ),
+        ));
     }
     observed.targets = observations
         .into_iter()

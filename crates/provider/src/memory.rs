@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use nodeport_firewall_model::render::NameParts;
 use nodeport_firewall_model::{
-    Action, Limits, Observation, ObservedRule, PoolTarget, Render, Rule, ShapeRenderer, Target,
-    TargetPlan,
+    Action, Config, Denial, Limits, Observation, ObservedRule, PoolTarget, Render, Rule,
+    ShapeRenderer, Target, TargetPlan,
 };
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +64,12 @@ pub struct StoredRule {
     pub owner: Option<String>,
     #[serde(flatten)]
     pub rule: Rule,
+    /// Its place in the evaluation order, where the target has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
+    /// Set for a Deny rule (only ever seeded, as another tool would write it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny: Option<Denial>,
 }
 
 /// Everything the in-memory provider holds.
@@ -158,6 +164,28 @@ impl MemoryProvider {
 
     /// Writes a rule owned by `owner` (`None`: no marker) directly, as another tool would.
     pub fn seed(&self, target: &str, owner: Option<&str>, rule: Rule) -> Result<String> {
+        self.seed_stored(target, owner, rule, None, None)
+    }
+
+    /// Writes a rule of others at `priority`, denying what `deny` says if set, directly.
+    pub fn seed_at(
+        &self,
+        target: &str,
+        rule: Rule,
+        priority: u32,
+        deny: Option<Denial>,
+    ) -> Result<String> {
+        self.seed_stored(target, None, rule, Some(priority), deny)
+    }
+
+    fn seed_stored(
+        &self,
+        target: &str,
+        owner: Option<&str>,
+        rule: Rule,
+        priority: Option<u32>,
+        deny: Option<Denial>,
+    ) -> Result<String> {
         let mut state = self.lock()?;
         state.next_id += 1;
         let id = format!("r-{}", state.next_id);
@@ -169,6 +197,8 @@ impl MemoryProvider {
                 id: id.clone(),
                 owner: owner.map(str::to_string),
                 rule,
+                priority,
+                deny,
             });
         Ok(id)
     }
@@ -217,11 +247,19 @@ impl Provider for MemoryProvider {
                 rules
                     .iter()
                     .map(|r| {
-                        ObservedRule::new(
+                        let mut rule = r.rule.clone();
+                        if r.deny.is_some() {
+                            // A Deny never satisfies a wanted rule, and is never ours.
+                            rule.content.sources.clear();
+                        }
+                        let mut o = ObservedRule::new(
                             Some(r.id.clone()),
-                            r.rule.clone(),
-                            r.owner.as_deref() == Some(self.cluster.as_str()),
-                        )
+                            rule,
+                            r.deny.is_none() && r.owner.as_deref() == Some(self.cluster.as_str()),
+                        );
+                        o.priority = r.priority;
+                        o.deny = r.deny.clone();
+                        o
                     })
                     .collect()
             })
@@ -278,18 +316,47 @@ impl Provider for MemoryProvider {
         if plan.remove_first {
             removes(&mut rules, &mut report)?;
         }
+        // Where every rule needs its own priority (an NSG), one that is held is refused.
+        let distinct = limits.priorities.is_some();
+        let held = |rules: &[StoredRule], p: Option<u32>, except: Option<usize>| {
+            distinct
+                && p.is_some()
+                && rules
+                    .iter()
+                    .enumerate()
+                    .any(|(i, r)| Some(i) != except && r.priority == p)
+        };
         for c in plan.of(Action::Update) {
             let idx = own(&rules, &c.id)?;
+            let priority = c.priority.or(rules[idx].priority);
+            if held(&rules, priority, Some(idx)) {
+                return Err(Error::new(ErrorKind::Conflict, "priority already taken")
+                    .with_code("SecurityRuleConflict")
+                    .into());
+            }
             rules[idx].rule = c.rule.clone();
+            rules[idx].priority = priority;
             report.updated += 1;
         }
         for c in plan.of(Action::Add) {
             if let Some(problem) = limits.check_rule(&c.rule) {
                 return Err(Error::new(ErrorKind::Invalid, problem).into());
             }
-            if rules.iter().any(|r| r.rule.content == c.rule.content) {
+            // Rules known by their content (EC2) cannot be duplicated; named ones (GCP,
+            // Azure) can, under another name.
+            let duplicate = match &c.rule.name {
+                Some(name) => rules.iter().any(|r| r.rule.name.as_ref() == Some(name)),
+                None => rules.iter().any(|r| r.rule.content == c.rule.content),
+            };
+            if duplicate {
                 return Err(Error::new(ErrorKind::Conflict, "rule already exists")
                     .with_code("Duplicate")
+                    .into());
+            }
+            let priority = c.priority.or(limits.own_priority);
+            if held(&rules, priority, None) {
+                return Err(Error::new(ErrorKind::Conflict, "priority already taken")
+                    .with_code("SecurityRuleConflict")
                     .into());
             }
             if let Some(max) = limits.max_rules {
@@ -312,6 +379,8 @@ impl Provider for MemoryProvider {
                 id: format!("r-{next_id}"),
                 owner: Some(cluster.clone()),
                 rule: c.rule.clone(),
+                priority,
+                deny: None,
             });
             report.added += 1;
         }
@@ -321,6 +390,20 @@ impl Provider for MemoryProvider {
         state.next_id = next_id;
         state.targets.insert(plan.target.id.clone(), rules);
         Ok(report)
+    }
+
+    async fn owned_targets(&self, _config: &Config) -> Result<Vec<Target>> {
+        let state = self.lock()?;
+        Ok(state
+            .targets
+            .iter()
+            .filter(|(_, rules)| {
+                rules
+                    .iter()
+                    .any(|r| r.owner.as_deref() == Some(self.cluster.as_str()))
+            })
+            .map(|(id, _)| Target::new(NAME, id))
+            .collect())
     }
 }
 
@@ -369,20 +452,60 @@ mod tests {
 
         async fn seed_shadowed_allow(
             &self,
-            _target: &Target,
-            _rule: &Rule,
+            target: &Target,
+            rule: &Rule,
         ) -> Result<Option<String>> {
-            Err(crate::Error::new(
-                crate::ErrorKind::Unsupported,
-                "TODO(issue 14): seed a foreign Deny",
-            ))
+            let limits = self.provider.limits();
+            // The Allow last, the Deny before it, both after where ours go.
+            let (deny_at, allow_at) = match (limits.priorities, limits.own_priority) {
+                (Some(band), _) => (band.from + 50, band.to),
+                (None, Some(own)) => (own + 100, own + 200),
+                (None, None) => {
+                    self.provider.seed(&target.id, None, rule.clone())?;
+                    return Ok(None);
+                }
+            };
+            let foreign = |name: &str| Rule {
+                name: Some(name.to_string()),
+                services: Default::default(),
+                pools: Default::default(),
+                ..rule.clone()
+            };
+            self.provider
+                .seed_at(&target.id, foreign("their-allow"), allow_at, None)?;
+            let denial = Denial {
+                protocol: Some(rule.content.protocol),
+                ports: rule.content.ports.clone(),
+                sources: Vec::new(),
+                scopes: Vec::new(),
+            };
+            self.provider
+                .seed_at(&target.id, foreign("their-deny"), deny_at, Some(denial))?;
+            Ok(Some("their-deny".to_string()))
         }
     }
 
+    /// Named rules in a priority band, as on an Azure NSG.
     #[tokio::test]
     async fn memory_provider_passes_conformance_named() {
+        let mut config = MemoryConfig::default();
+        config.limits.priorities =
+            Some(nodeport_firewall_model::PriorityRange { from: 100, to: 300 });
         let h = MemoryHarness {
-            provider: MemoryProvider::new("conf", MemoryConfig::default()),
+            provider: MemoryProvider::new("conf", config),
+            cluster: "conf".into(),
+        };
+        conformance::run_all(&h).await;
+    }
+
+    /// Named rules at one fixed priority, a Deny winning a tie, as on a GCP network.
+    #[tokio::test]
+    async fn memory_provider_passes_conformance_gcp_shaped() {
+        let mut config = MemoryConfig::default();
+        config.limits.own_priority = Some(1000);
+        config.limits.deny_wins_ties = true;
+        let h = MemoryHarness {
+            provider: MemoryProvider::new("conf", config),
             cluster: "conf".into(),
         };
         conformance::run_all(&h).await;

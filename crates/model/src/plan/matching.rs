@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 
 use rustc_hash::FxHashMap as HashMap;
 
-use super::{Action, Change};
+use super::{Action, Change, shadow};
 use crate::desired::Desired;
 use crate::node::PoolName;
 use crate::render::Render;
@@ -46,6 +46,8 @@ pub(super) struct Inputs<'a> {
     pub desired: &'a Desired,
     pub failed_pools: &'a BTreeSet<&'a PoolName>,
     pub renderer: &'a dyn Render,
+    /// The target's Deny rules ([`shadow::denies`]).
+    pub denies: Vec<&'a ObservedRule>,
 }
 
 impl Inputs<'_> {
@@ -90,8 +92,12 @@ impl Inputs<'_> {
         }
     }
 
-    /// Whether a wanted rule is the observed one exactly, marker included.
+    /// Whether a wanted rule is the observed one exactly, marker included, and in force as
+    /// written.
     fn same(&self, rule: &Rule, old: &ObservedRule) -> bool {
+        if old.needs_rewrite.is_some() {
+            return false;
+        }
         let Some(digest) = &old.digest else {
             return *rule == old.rule;
         };
@@ -105,13 +111,32 @@ impl Inputs<'_> {
     }
 
     fn same_or_update(&self, rule: Rule, old: &ObservedRule) -> Change {
-        if self.same(&rule, old) {
-            about(Action::Unchanged, rule, old)
-        } else {
-            let mut c = about(Action::Update, rule, old);
-            c.previous = Some(old.rule.clone());
-            c
+        let limits = &self.observation.limits;
+        // A rule of ours behind a Deny that may match its traffic is not in force: where
+        // the plan chooses priorities it moves the rule before the Deny (the priority is
+        // left for [`super::ordering::place`] to choose).
+        let moved = limits.priorities.and(shadow::shadowing(
+            &self.denies,
+            &rule.content,
+            old.priority,
+            limits,
+        ));
+        if moved.is_none() && self.same(&rule, old) {
+            return about(Action::Unchanged, rule, old);
         }
+        let mut c = about(Action::Update, rule, old);
+        c.previous = Some(old.rule.clone());
+        if let Some(d) = moved {
+            c.priority = None;
+            c.note = Some(format!(
+                "moved before the Deny rule {} at priority {}",
+                shadow::label(d),
+                d.priority.unwrap_or(0)
+            ));
+        } else if let Some(why) = &old.needs_rewrite {
+            c.note = Some(format!("written again: {why}"));
+        }
+        c
     }
 }
 
@@ -195,8 +220,10 @@ pub(super) fn match_rules(mut want: Vec<Rule>, inputs: &Inputs<'_>) -> Vec<Chang
         }
         by_content.entry(&r.rule.content).or_default().push(i);
     }
-    let foreign_content: HashMap<&RuleContent, &ObservedRule> =
-        foreign.iter().map(|r| (&r.rule.content, *r)).collect();
+    let mut foreign_content: HashMap<&RuleContent, Vec<&ObservedRule>> = HashMap::default();
+    for r in foreign.iter().filter(|r| r.deny.is_none()) {
+        foreign_content.entry(&r.rule.content).or_default().push(r);
+    }
     let foreign_names: BTreeSet<&str> = foreign
         .iter()
         .filter_map(|r| r.rule.name.as_deref())
@@ -234,14 +261,35 @@ pub(super) fn match_rules(mut want: Vec<Rule>, inputs: &Inputs<'_>) -> Vec<Chang
         {
             continue; // served by a kept rule: the same sources, these ports and maybe more
         }
-        if let Some(f) = foreign_content.get(&rule.content) {
-            let mut c = about(Action::SatisfiedByForeign, rule, f);
-            c.note = Some(
-                "already allowed by a rule nodeport-firewall does not own; left as is".to_string(),
-            );
-            changes.push(c);
-            continue;
+        // A rule of others with exactly this content satisfies it only if it is in force:
+        // no Deny that may match the traffic is evaluated before it.
+        let mut shadowed_by: Option<(&ObservedRule, &ObservedRule)> = None;
+        if let Some(same) = foreign_content.get(&rule.content) {
+            let in_force = same.iter().find(|f| {
+                let d = shadow::shadowing(&inputs.denies, &rule.content, f.priority, limits);
+                if shadowed_by.is_none() {
+                    shadowed_by = d.map(|d| (**f, d));
+                }
+                d.is_none()
+            });
+            if let Some(f) = in_force {
+                let mut c = about(Action::SatisfiedByForeign, rule, f);
+                c.note = Some(
+                    "already allowed by a rule nodeport-firewall does not own; left as is"
+                        .to_string(),
+                );
+                changes.push(c);
+                continue;
+            }
         }
+        let shadowed_note = shadowed_by.map(|(f, d)| {
+            format!(
+                "{} allows this, but the Deny rule {} at priority {} is evaluated before it",
+                shadow::label(f),
+                shadow::label(d),
+                d.priority.unwrap_or(0)
+            )
+        });
         if let Some(name) = rule.name.clone()
             && (pinned_names.contains(name.as_str())
                 || by_name.contains_key(name.as_str())
@@ -272,7 +320,9 @@ pub(super) fn match_rules(mut want: Vec<Rule>, inputs: &Inputs<'_>) -> Vec<Chang
                 continue;
             }
         }
-        changes.push(change(Action::Add, rule, None));
+        let mut add = change(Action::Add, rule, None);
+        add.note = shadowed_note;
+        changes.push(add);
     }
     for (i, r) in owned.iter().enumerate() {
         if !matched[i] {

@@ -8,6 +8,7 @@
 mod matching;
 mod ordering;
 mod quota;
+mod shadow;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -373,6 +374,30 @@ pub fn plan(
         }
     }
 
+    // Two pools on one target and scope cannot be told apart there: a Service asking for
+    // one of them opens on both.
+    let mut warnings = crate::warnings::of(desired);
+    for (target, scopes) in &layout {
+        for pools in scopes.values().filter(|p| p.len() > 1) {
+            let names: Vec<&str> = pools.iter().map(PoolName::as_str).collect();
+            warnings.push(crate::warnings::Warning::new(
+                crate::warnings::WarningKind::SharedTarget,
+                Some(target.to_string()),
+                format!(
+                    "pools {} resolve to the same target {target}: a Service meant for one of them opens on all of them; give each pool its own target in the config",
+                    names.join(", ")
+                ),
+            ));
+        }
+    }
+
+    // A target that was read but that no managed pool maps to was found by our marker
+    // (`Provider::owned_targets`): the rules of ours there are orphans, planned against
+    // nothing wanted, so they go unless something pins them.
+    for target in observations.keys() {
+        layout.entry(target).or_default();
+    }
+
     // Targets are independent: plan them on all cores. Still pure: no I/O, and the
     // result does not depend on the number of threads.
     let jobs: Vec<(&Target, ScopePools<'_>)> = layout.into_iter().collect();
@@ -454,7 +479,7 @@ pub fn plan(
         services: Arc::clone(&desired.services),
         policies: desired.policies.clone(),
         unpooled_nodes: desired.unpooled_nodes.clone(),
-        warnings: crate::warnings::of(desired),
+        warnings,
         summary,
     }
 }
@@ -547,9 +572,11 @@ pub fn plan_target(
         desired,
         failed_pools,
         renderer,
+        denies: shadow::denies(observation),
     };
     let mut changes = matching::match_rules(want, &inputs);
     ordering::note_closed(&mut changes, &desired.closed);
+    ordering::note_orphans(&mut changes, &pools, desired, failed_pools);
     ordering::sort(&mut changes);
     let quota::Verdict {
         mut error,
@@ -559,6 +586,8 @@ pub fn plan_target(
     if let Some(range) = observation.limits.priorities {
         let placed = ordering::place(&mut changes, observation, range, &mut remove_first);
         error = error.or(placed);
+    } else if let Some(own) = observation.limits.own_priority {
+        error = error.or_else(|| shadow::check_fixed(&changes, observation, own));
     }
     TargetPlan {
         target: target.clone(),
@@ -573,5 +602,7 @@ pub fn plan_target(
     }
 }
 
+#[cfg(test)]
+mod shadow_tests;
 #[cfg(test)]
 mod tests;

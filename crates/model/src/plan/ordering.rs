@@ -5,10 +5,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use super::{Action, Change, PlanError};
+use super::{Action, Change, PlanError, shadow};
+use crate::desired::Desired;
+use crate::node::PoolName;
 use crate::rule::PriorityRange;
 use crate::service::ServiceRef;
-use crate::target::Observation;
+use crate::target::{Observation, ObservedRule};
 
 /// A removal because the policy closed a Service says so: it is not a silent removal.
 pub(super) fn note_closed(changes: &mut [Change], closed: &BTreeMap<ServiceRef, Arc<str>>) {
@@ -35,6 +37,38 @@ pub(super) fn note_closed(changes: &mut [Change], closed: &BTreeMap<ServiceRef, 
     }
 }
 
+/// A removal of a rule that serves none of the target's pools says why no pool wants it
+/// here any more: the pool is unmanaged, gone, or maps to other targets now.
+pub(super) fn note_orphans(
+    changes: &mut [Change],
+    pools: &BTreeSet<PoolName>,
+    desired: &Desired,
+    failed_pools: &BTreeSet<&PoolName>,
+) {
+    for c in changes
+        .iter_mut()
+        .filter(|c| c.action == Action::Remove && c.note.is_none())
+        .filter(|c| !c.rule.pools.iter().any(|p| pools.contains(p)))
+    {
+        let why: Vec<String> = c
+            .rule
+            .pools
+            .iter()
+            .map(|p| match desired.pools.get(p) {
+                None => format!("pool {p} is gone (no Nodes, not in the config)"),
+                Some(s) if !s.managed => format!("pool {p} is unmanaged"),
+                Some(_) if failed_pools.contains(p) => format!("pool {p} could not be resolved"),
+                Some(_) => format!("pool {p} now maps to other targets"),
+            })
+            .collect();
+        if !why.is_empty() {
+            c.note = Some(format!("orphan: {}", why.join("; ")));
+        } else if pools.is_empty() {
+            c.note = Some("orphan: no managed pool maps to this target".to_string());
+        }
+    }
+}
+
 /// Removes, updates, adds, then the rest; each group by content. One sort: changes are
 /// large to move.
 pub(super) fn sort(changes: &mut [Change]) {
@@ -54,17 +88,24 @@ pub(super) fn sort(changes: &mut [Change]) {
     });
 }
 
-/// Gives every add the lowest priority of `range` that no rule holds when it is written,
-/// in the order the adds are listed. Adds are written before removes, so the priorities of
-/// removed rules are free only when the plan removes first; when the adds do not fit
-/// otherwise, this makes the plan remove first. An error when they do not fit even so.
+/// Gives every rule that needs a priority (an add, or a rule of ours moved before a Deny:
+/// an update with none) the lowest priorities of `range` that no rule holds when it is
+/// written. Rules that must come before a Deny ([`shadow::deadline`]) take the lowest
+/// first, earliest deadline first, so that every rule that can be in force is. Adds are
+/// written before removes, so the priorities of removed rules are free only when the plan
+/// removes first; when the rules do not fit otherwise, this makes the plan remove first.
+/// An error when they do not fit even so, or when one can come before its Deny at no
+/// priority of the range.
 pub(super) fn place(
     changes: &mut [Change],
     observation: &Observation,
     range: PriorityRange,
     remove_first: &mut bool,
 ) -> Option<PlanError> {
-    let adds = changes.iter().filter(|c| c.action == Action::Add).count();
+    let needs_slot = |c: &Change| {
+        c.action == Action::Add || (c.action == Action::Update && c.priority.is_none())
+    };
+    let adds = changes.iter().filter(|c| needs_slot(c)).count();
     if adds == 0 {
         return None;
     }
@@ -106,12 +147,42 @@ pub(super) fn place(
             to: range.to,
         });
     }
-    for (c, p) in changes
-        .iter_mut()
-        .filter(|c| c.action == Action::Add)
-        .zip(slots)
-    {
+    let denies = shadow::denies(observation);
+    let limits = &observation.limits;
+    // Earliest deadline first; the rest keep their listed order (the sort is stable).
+    let mut order: Vec<(usize, Option<(Option<u32>, &ObservedRule)>)> = changes
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| needs_slot(c))
+        .map(|(i, c)| (i, shadow::deadline(&denies, &c.rule.content)))
+        .collect();
+    order.sort_by_key(|(_, d)| match d {
+        Some((p, _)) => (0u8, p.unwrap_or(0)),
+        None => (1, 0),
+    });
+    let best = slots.first().copied().unwrap_or(range.from);
+    for ((i, deadline), p) in order.into_iter().zip(slots) {
+        if let Some((at, deny)) = deadline
+            && !shadow::wins(p, at, limits)
+        {
+            return Some(PlanError::Shadowed {
+                rule: shadow::rule_label(&changes[i]),
+                deny: shadow::label(deny),
+                priority: at.unwrap_or(0),
+                best,
+            });
+        }
+        let c = &mut changes[i];
         c.priority = Some(p);
+        if let Some((at, deny)) = deadline
+            && c.note.is_none()
+        {
+            c.note = Some(format!(
+                "placed before the Deny rule {} at priority {}",
+                shadow::label(deny),
+                at.unwrap_or(0)
+            ));
+        }
     }
     None
 }
