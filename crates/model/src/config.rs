@@ -160,6 +160,8 @@ struct RawConfig {
     #[serde(default)]
     pools: BTreeMap<String, PoolConfig>,
     manage_unlisted_pools: Option<bool>,
+    #[serde(default)]
+    trust_node_pool_labels: bool,
     node_port_range: Option<String>,
     #[serde(default)]
     load_balancer_source_ranges: LoadBalancerSourceRanges,
@@ -185,6 +187,9 @@ pub struct Config {
     pub pools: BTreeMap<PoolName, PoolConfig>,
     /// Whether pools found on Nodes but not listed under `pools` are managed.
     pub manage_unlisted_pools: bool,
+    /// Accept pool labels that a node's own kubelet can set, without a warning: the
+    /// platform team has decided that a node moving itself into another pool is no threat.
+    pub trust_node_pool_labels: bool,
     /// The cluster's node-port range (the API server's `--service-node-port-range`): a
     /// nodePort outside it gets a warning.
     pub node_port_range: PortRange,
@@ -208,6 +213,7 @@ impl Config {
             policy: Policy::default(),
             pools: BTreeMap::new(),
             manage_unlisted_pools: true,
+            trust_node_pool_labels: false,
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             load_balancer_source_ranges: LoadBalancerSourceRanges::Default,
             health_check_sources: SourceSet::default(),
@@ -330,6 +336,7 @@ impl Config {
                 .map(|(k, v)| (PoolName(k), v))
                 .collect(),
             manage_unlisted_pools: raw.manage_unlisted_pools.unwrap_or(true),
+            trust_node_pool_labels: raw.trust_node_pool_labels,
             node_port_range,
             load_balancer_source_ranges: raw.load_balancer_source_ranges,
             health_check_sources,
@@ -362,6 +369,7 @@ fn known_keys(section: &[&str]) -> &'static [&'static str] {
             "policy",
             "pools",
             "manageUnlistedPools",
+            "trustNodePoolLabels",
             "nodePortRange",
             "loadBalancerSourceRanges",
             "healthCheckSourceRanges",

@@ -96,7 +96,8 @@ pub struct Desired {
     /// How many Nodes were given.
     pub nodes: usize,
     /// The labels that named each pool's Nodes (what a node could forge, if a kubelet may
-    /// set the label: see [`crate::node::kubelet_may_set`]).
+    /// set the label: see [`crate::node::kubelet_may_set`]). Empty when the config trusts
+    /// them (`trustNodePoolLabels`).
     pub pool_label_keys: BTreeMap<PoolName, BTreeSet<String>>,
     /// Invalid Services: their existing rules are kept exactly as they are.
     pub pinned: BTreeSet<ServiceRef>,
@@ -177,7 +178,9 @@ pub fn desired_with(
     for node in nodes {
         match node.pool_and_label(&config.pool_labels) {
             Some((pool, key)) => {
-                if !pool_label_keys.get(&pool).is_some_and(|k| k.contains(key)) {
+                if !config.trust_node_pool_labels
+                    && !pool_label_keys.get(&pool).is_some_and(|k| k.contains(key))
+                {
                     pool_label_keys
                         .entry(pool.clone())
                         .or_default()

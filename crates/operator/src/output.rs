@@ -160,8 +160,10 @@ pub fn text(plan: &Plan, verbose: bool, style: Style) -> String {
         let pools: Vec<String> = t.pools.iter().map(|p| p.to_string()).collect();
         let usage = match t.usage.limit {
             Some(limit) => format!(
-                "{} of ours + {} others / limit {limit}",
-                t.usage.ours, t.usage.foreign
+                "{} of ours + {} others / limit {limit}, headroom {}",
+                t.usage.ours,
+                t.usage.foreign,
+                t.usage.headroom.unwrap_or(0)
             ),
             None => format!("{} of ours + {} others", t.usage.ours, t.usage.foreign),
         };

@@ -9,7 +9,7 @@ use nodeport_firewall_model::{
     PoolState, Target, TargetPlan, Warning, WarningKind,
 };
 use serde::Serialize;
-use tracing::{Instrument, info, info_span, instrument, warn};
+use tracing::{Instrument, debug, info, info_span, instrument, warn};
 
 use crate::{ApplyReport, Error, PoolView, Provider};
 
@@ -84,7 +84,8 @@ pub async fn plan_with_cache(
         .await;
     match &orphan_search {
         Ok(found) => targets.extend(found.iter().cloned()),
-        Err(e) => warn!(error = %e, "cannot search for targets holding rules of ours"),
+        // The plan carries it as a warning; a log line would say it twice.
+        Err(e) => debug!(error = %e, "cannot search for targets holding rules of ours"),
     }
     targets.sort();
     targets.dedup();

@@ -305,8 +305,11 @@ impl Provider for MemoryProvider {
             }
             Ok(idx)
         };
+        // Each change is one write: the lease fence is asked before each, as a cloud
+        // provider's calls ask it.
         let removes = |rules: &mut Vec<StoredRule>, report: &mut ApplyReport| -> Result<()> {
             for c in plan.of(Action::Remove) {
+                crate::fence::check_write()?;
                 let idx = own(rules, &c.id)?;
                 rules.remove(idx);
                 report.removed += 1;
@@ -327,6 +330,7 @@ impl Provider for MemoryProvider {
                     .any(|(i, r)| Some(i) != except && r.priority == p)
         };
         for c in plan.of(Action::Update) {
+            crate::fence::check_write()?;
             let idx = own(&rules, &c.id)?;
             let priority = c.priority.or(rules[idx].priority);
             if held(&rules, priority, Some(idx)) {
@@ -339,6 +343,7 @@ impl Provider for MemoryProvider {
             report.updated += 1;
         }
         for c in plan.of(Action::Add) {
+            crate::fence::check_write()?;
             if let Some(problem) = limits.check_rule(&c.rule) {
                 return Err(Error::new(ErrorKind::Invalid, problem).into());
             }

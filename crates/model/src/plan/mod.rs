@@ -9,6 +9,7 @@ mod matching;
 mod ordering;
 mod quota;
 mod shadow;
+mod spread;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -120,6 +121,20 @@ pub enum PlanError {
         from: u32,
         to: u32,
     },
+    /// The rules of a pool spread over several targets do not fit on them all.
+    Capacity {
+        /// The family counted, where the quota counts each apart.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        family: Option<IpFamily>,
+        /// Rules of ours wanted on the group (in `family`).
+        wanted: usize,
+        /// How many of them have no room.
+        short: usize,
+        /// The targets of the group.
+        targets: usize,
+        /// The rule quota of each.
+        per_target: usize,
+    },
     /// A rule of ours would be evaluated after a Deny that covers part of its traffic, and
     /// no priority our rules may take comes before it: the rule would not let it through.
     Shadowed {
@@ -152,6 +167,7 @@ impl PlanError {
             | PlanError::DestinationQuota { .. }
             | PlanError::Priorities { .. } => ErrorKind::QuotaExceeded,
             PlanError::Shadowed { .. } => ErrorKind::Config,
+            PlanError::Capacity { .. } => ErrorKind::QuotaExceeded,
             PlanError::RuleShape { .. } => ErrorKind::Invalid,
             PlanError::Observe { error_kind, .. } => *error_kind,
         }
@@ -208,6 +224,22 @@ impl fmt::Display for PlanError {
                 f,
                 "{adds} new rules need a priority, but only {free} of {from}-{to} are free"
             ),
+            PlanError::Capacity {
+                family,
+                wanted,
+                short,
+                targets,
+                per_target,
+            } => {
+                let family = family.map(|f| format!(" {f}")).unwrap_or_default();
+                let per = (*per_target).max(1);
+                let more = short.div_ceil(per);
+                let quota = per_target + short.div_ceil((*targets).max(1));
+                write!(
+                    f,
+                    "{wanted}{family} rules of ours do not fit on the {targets} targets the pool's rules are spread over ({per_target} rules each, others' included): {short} have no room; {more} more targets with the same quota, or a quota of {quota} per target, would fit them"
+                )
+            }
             PlanError::Shadowed {
                 rule,
                 deny,
@@ -229,6 +261,24 @@ pub struct Usage {
     pub foreign: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
+    /// Rules that still fit under `limit` after the plan: in the fullest family where the
+    /// quota counts each family apart. `None` without a limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headroom: Option<usize>,
+    /// Per family, where the quota counts each apart (EC2); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub families: Vec<FamilyUsage>,
+}
+
+/// Rule counts of one IP family on a target whose quota counts families apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FamilyUsage {
+    pub family: IpFamily,
+    pub ours: usize,
+    pub foreign: usize,
+    pub limit: usize,
+    pub headroom: usize,
 }
 
 /// The plan for one target.

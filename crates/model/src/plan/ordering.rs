@@ -88,6 +88,9 @@ pub(super) fn sort(changes: &mut [Change]) {
     });
 }
 
+/// The priority a rule must come before, and the Deny that sets it.
+type Deadline<'a> = (Option<u32>, &'a ObservedRule);
+
 /// Gives every rule that needs a priority (an add, or a rule of ours moved before a Deny:
 /// an update with none) the lowest priorities of `range` that no rule holds when it is
 /// written. Rules that must come before a Deny ([`shadow::deadline`]) take the lowest
@@ -150,7 +153,7 @@ pub(super) fn place(
     let denies = shadow::denies(observation);
     let limits = &observation.limits;
     // Earliest deadline first; the rest keep their listed order (the sort is stable).
-    let mut order: Vec<(usize, Option<(Option<u32>, &ObservedRule)>)> = changes
+    let mut order: Vec<(usize, Option<Deadline<'_>>)> = changes
         .iter()
         .enumerate()
         .filter(|(_, c)| needs_slot(c))

@@ -1,7 +1,7 @@
 //! Quota: the target's limits, counted on the state after the plan (rules of others
 //! included), and whether removes must come before adds to stay within them.
 
-use super::{Action, Change, PlanError, Usage};
+use super::{Action, Change, FamilyUsage, PlanError, Usage};
 use crate::net::IpFamily;
 use crate::render::Render;
 use crate::rule::Rule;
@@ -45,10 +45,23 @@ pub(super) fn check(
     };
     let in_family = |r: &Rule, f: Option<IpFamily>| f.is_none_or(|f| r.content.family == f);
     let mut remove_first = false;
+    let mut headroom: Option<usize> = None;
+    let mut by_family = Vec::new();
     if let Some(limit) = limits.max_rules {
         for fam in families {
             let ours = after.iter().filter(|r| in_family(r, fam)).count();
             let theirs = foreign.iter().filter(|r| in_family(&r.rule, fam)).count();
+            let room = limit.saturating_sub(ours + theirs);
+            headroom = Some(headroom.map_or(room, |h| h.min(room)));
+            if let Some(family) = fam {
+                by_family.push(FamilyUsage {
+                    family,
+                    ours,
+                    foreign: theirs,
+                    limit,
+                    headroom: room,
+                });
+            }
             if ours + theirs > limit && error.is_none() {
                 error = Some(PlanError::RuleQuota {
                     family: fam,
@@ -100,6 +113,8 @@ pub(super) fn check(
             ours: after.len(),
             foreign: foreign.len(),
             limit: limits.max_rules,
+            headroom,
+            families: by_family,
         },
         remove_first,
     }
