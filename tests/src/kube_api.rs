@@ -10,7 +10,9 @@
 //!   `410 Gone` ERROR event a real server sends, and the client must re-list;
 //! - [`ApiServer::set_list_delay`] makes lists slow, to test that nothing is planned before
 //!   the caches have synced;
-//! - Lease updates with a stale `resourceVersion` get 409 Conflict.
+//! - Lease updates with a stale `resourceVersion` get 409 Conflict;
+//!   [`ApiServer::set_lease_delay`] makes Lease requests slow or stall, as an overloaded or
+//!   partitioned API server does, to test that a leader whose renewals stall stops writing.
 //!
 //! Start it in a test's runtime with [`ApiServer::start`], or on a thread of its own with
 //! [`ApiServer::spawn`] (for tests that drive the real binary), and point a kubeconfig at
@@ -49,6 +51,7 @@ struct State {
     /// Armed faults, by resource (`namespaces`, `services`, …) or `*`.
     faults: Faults,
     list_delay: Duration,
+    lease_delay: Duration,
     lists: BTreeMap<String, usize>,
     watches: BTreeMap<String, usize>,
     gone: usize,
@@ -61,6 +64,8 @@ pub struct ApiServer {
     tx: broadcast::Sender<Change>,
     /// Bumped to end every open watch (as an API server restart or a load balancer would).
     generation: Arc<watch::Sender<u64>>,
+    /// Told when the Lease delay changes, so that waiting Lease requests look again.
+    lease_delay_changed: Arc<watch::Sender<()>>,
     url: String,
 }
 
@@ -124,6 +129,7 @@ impl ApiServer {
             state: Arc::default(),
             tx,
             generation: Arc::new(watch::channel(0).0),
+            lease_delay_changed: Arc::new(watch::channel(()).0),
             url,
         };
         let s = server.clone();
@@ -244,6 +250,19 @@ impl ApiServer {
     /// Makes every list answer after `delay`.
     pub fn set_list_delay(&self, delay: Duration) {
         self.state.lock().unwrap().list_delay = delay;
+    }
+
+    /// Makes every Lease request answer after `delay` (`Duration::MAX`: never, until set
+    /// again; a request waiting when the delay changes waits out the one it started with,
+    /// unless it is shortened).
+    pub fn set_lease_delay(&self, delay: Duration) {
+        self.state.lock().unwrap().lease_delay = delay;
+        self.lease_delay_changed.send_replace(());
+    }
+
+    /// The stored Lease `namespace/name`, if any.
+    pub fn lease(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.get("Lease", &format!("{namespace}/{name}"))
     }
 
     /// Events created or patched so far, oldest first.
@@ -429,7 +448,10 @@ impl ApiServer {
                     "leases",
                     rest @ ..,
                 ],
-            ) => self.lease(m, ns, rest.first().copied(), &body),
+            ) => {
+                self.lease_wait().await;
+                self.lease_request(m, ns, rest.first().copied(), &body)
+            }
             _ => status(404, "NotFound"),
         }
     }
@@ -456,7 +478,34 @@ impl ApiServer {
         )
     }
 
-    fn lease(&self, m: Method, ns: &str, name: Option<&str>, body: &[u8]) -> Response<Body> {
+    /// Waits out the Lease delay; a shorter delay set meanwhile ends the wait sooner.
+    async fn lease_wait(&self) {
+        let started = tokio::time::Instant::now();
+        let mut changed = self.lease_delay_changed.subscribe();
+        loop {
+            let delay = self.state.lock().unwrap().lease_delay;
+            let Some(remaining) = delay.checked_sub(started.elapsed()) else {
+                return;
+            };
+            if remaining.is_zero() {
+                return;
+            }
+            // A delay too long for a timer waits for the next change only.
+            let sleep = tokio::time::sleep(remaining.min(Duration::from_secs(86_400)));
+            tokio::select! {
+                _ = sleep => {}
+                _ = changed.changed() => {}
+            }
+        }
+    }
+
+    fn lease_request(
+        &self,
+        m: Method,
+        ns: &str,
+        name: Option<&str>,
+        body: &[u8],
+    ) -> Response<Body> {
         let mut st = self.state.lock().unwrap();
         match (m, name) {
             (Method::GET, Some(name)) => {

@@ -7,6 +7,7 @@
 pub mod conformance;
 pub mod engine;
 pub mod error;
+pub mod fence;
 pub mod guard;
 pub mod memory;
 pub mod retry;

@@ -1,5 +1,6 @@
 //! Retries with bounded exponential backoff and full jitter, honouring Retry-After. Shared by
-//! every provider so that they all back off the same way (design principle 6).
+//! every provider so that they all back off the same way (design principle 6). Every write
+//! attempt, retries included, first asks the write fence ([`crate::fence`]).
 
 use std::future::Future;
 use std::time::Duration;
@@ -9,7 +10,14 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
-use crate::stats::CallStats;
+use crate::fence;
+use crate::stats::{CallStats, OpKind};
+
+/// The longest wait a cloud's Retry-After is honoured for. A Retry-After longer than the
+/// policy's `max_delay` is waited in full up to this ceiling (the cloud would refuse an
+/// earlier retry anyway); beyond it, the wait is cut to the ceiling, so that one call never
+/// stalls a reconcile for longer than this per retry.
+pub const RETRY_AFTER_CEILING: Duration = Duration::from_secs(300);
 
 /// How a provider retries one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +50,8 @@ impl RetryPolicy {
 
     /// The wait before attempt `attempt + 1`, given the error of attempt `attempt` (0-based).
     /// Full jitter keeps replicas and targets from retrying in lockstep; Retry-After, when
-    /// the cloud sends it, is a floor, capped at `max_delay`.
+    /// the cloud sends it, is a floor: honoured beyond `max_delay`, up to
+    /// [`RETRY_AFTER_CEILING`].
     pub fn delay(&self, attempt: u32, error: &Error) -> Duration {
         let exp = self
             .base_delay
@@ -50,7 +59,7 @@ impl RetryPolicy {
         let cap = exp.min(self.max_delay);
         let jittered = cap.mul_f64(fastrand::f64());
         match error.retry_after {
-            Some(after) => after.min(self.max_delay).max(jittered),
+            Some(after) => after.min(RETRY_AFTER_CEILING).max(jittered),
             None => jittered,
         }
     }
@@ -83,7 +92,10 @@ impl RetryPolicy {
 
     /// Runs one cloud API call as every provider does: each attempt and each retry counted in
     /// `stats` under `op`, retried like [`RetryPolicy::run`] with a warning that names `api`,
-    /// the SDK's error mapped to ours by `map`, and a final failure counted.
+    /// the SDK's error mapped to ours by `map`, and a final failure counted. When `stats`
+    /// classifies `op` as a write, the write fence is asked right before every attempt: a
+    /// refusal ([`fence::lease_lost`]) fails the call at once, is not retried, and sends
+    /// nothing.
     pub async fn call<T, E, F, Fut>(
         &self,
         stats: &CallStats,
@@ -97,13 +109,23 @@ impl RetryPolicy {
         Fut: Future<Output = std::result::Result<T, E>>,
     {
         let map = &map;
+        let write = stats.kind(op) == OpKind::Write;
         let out = self
             .run(
                 || {
-                    stats.call(op);
-                    debug!(api, operation = op, "cloud call");
-                    let fut = f();
-                    async move { fut.await.map_err(|e| map(op, e)) }
+                    // Asked here, after any backoff wait: the lease may have ended during it.
+                    let started = match if write { fence::check_write() } else { Ok(()) } {
+                        Ok(()) => {
+                            stats.call(op);
+                            debug!(api, operation = op, "cloud call");
+                            Ok(f())
+                        }
+                        Err(refused) => {
+                            warn!(api, operation = op, error = %refused, "write not sent");
+                            Err(refused)
+                        }
+                    };
+                    async move { started?.await.map_err(|e| map(op, e)) }
                 },
                 |e, wait| {
                     stats.retry(op);
@@ -122,6 +144,7 @@ impl RetryPolicy {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     #[tokio::test(start_paused = true)]
@@ -188,10 +211,162 @@ mod tests {
         for attempt in 0..40 {
             assert!(p.delay(attempt, &plain) <= p.max_delay);
         }
-        let after = plain.clone().with_retry_after(Duration::from_secs(3));
-        assert!(p.delay(0, &after) >= Duration::from_secs(3));
-        let long = plain.with_retry_after(Duration::from_secs(3600));
-        assert_eq!(p.delay(0, &long), p.max_delay);
+        // Retry-After is a floor, beyond max_delay (20 s) too, up to the hard ceiling.
+        let cases = [
+            (3, 3),
+            (20, 20),
+            (60, 60),
+            (300, 300),
+            (301, 300),
+            (3600, 300),
+            (u64::MAX, 300),
+        ];
+        for (after, want) in cases {
+            let e = plain.clone().with_retry_after(Duration::from_secs(after));
+            let got = p.delay(0, &e);
+            assert_eq!(got, Duration::from_secs(want), "Retry-After {after}s");
+        }
+        // A short Retry-After does not shorten the backoff.
+        let short = plain.with_retry_after(Duration::from_millis(1));
+        let slow = RetryPolicy {
+            base_delay: Duration::from_secs(10),
+            ..RetryPolicy::default()
+        };
+        for attempt in 0..10 {
+            assert!(slow.delay(attempt, &short) <= slow.max_delay);
+            assert!(slow.delay(attempt, &short) >= Duration::from_millis(1));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_retry_after_is_waited_in_full() {
+        let calls = AtomicU32::new(0);
+        let started = tokio::time::Instant::now();
+        let out = RetryPolicy::default()
+            .run(
+                || async {
+                    if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                        Err(Error::new(ErrorKind::Throttled, "429")
+                            .with_retry_after(Duration::from_secs(90)))
+                    } else {
+                        Ok(())
+                    }
+                },
+                |_, _| {},
+            )
+            .await;
+        assert_eq!(out, Ok(()));
+        assert!(started.elapsed() >= Duration::from_secs(90));
+    }
+
+    /// A lease that ends at `until` (as the controller's fence: local time only).
+    struct Until(tokio::time::Instant);
+
+    impl fence::WriteFence for Until {
+        fn may_write(&self) -> Result<()> {
+            if tokio::time::Instant::now() < self.0 {
+                Ok(())
+            } else {
+                Err(fence::lease_lost("lease ended"))
+            }
+        }
+    }
+
+    fn op_kind(op: &str) -> OpKind {
+        match op {
+            "Put" => OpKind::Write,
+            "List" => OpKind::Read,
+            _ => OpKind::Other,
+        }
+    }
+
+    fn ok_call() -> std::future::Ready<std::result::Result<(), Error>> {
+        std::future::ready(Ok(()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_write_is_sent_after_the_lease_ends_mid_apply() {
+        // An apply of ten sequential writes, 300 ms apart, under a lease that ends after
+        // one second: the writes before its end go, none after, and the apply stops there.
+        let stats = CallStats::new(op_kind);
+        let start = tokio::time::Instant::now();
+        let end = start + Duration::from_secs(1);
+        let sent = std::sync::Mutex::new(Vec::new());
+        let apply = async {
+            for _ in 0..10 {
+                RetryPolicy::fast()
+                    .call(
+                        &stats,
+                        "Test",
+                        "Put",
+                        || {
+                            sent.lock().unwrap().push(tokio::time::Instant::now());
+                            ok_call()
+                        },
+                        |_, e: Error| e,
+                    )
+                    .await?;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Ok::<(), Error>(())
+        };
+        let e = fence::scoped(Arc::new(Until(end)), apply)
+            .await
+            .unwrap_err();
+        assert!(fence::is_lease_lost(&e), "{e:?}");
+        let sent = sent.into_inner().unwrap();
+        assert_eq!(sent.len(), 4, "writes at 0, 0.3, 0.6 and 0.9 s");
+        assert!(sent.iter().all(|t| *t < end));
+        assert_eq!(stats.writes(), 4);
+        assert_eq!(stats.snapshot()["Put"].errors, 1, "the refused write");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_the_lease_ended_is_refused_and_reads_go_on() {
+        let stats = CallStats::new(op_kind);
+        let end = tokio::time::Instant::now() + Duration::from_millis(500);
+        let attempts = AtomicU32::new(0);
+        let scope = async {
+            // Throttled with a Retry-After that outlasts the lease: the retry is not sent.
+            let write: Result<()> = RetryPolicy::default()
+                .call(
+                    &stats,
+                    "Test",
+                    "Put",
+                    || {
+                        attempts.fetch_add(1, Ordering::SeqCst);
+                        std::future::ready(Err(Error::new(ErrorKind::Throttled, "429")
+                            .with_retry_after(Duration::from_secs(2))))
+                    },
+                    |_, e: Error| e,
+                )
+                .await;
+            // Reads and polls are not fenced: a standby may read.
+            let read = RetryPolicy::fast()
+                .call(&stats, "Test", "List", ok_call, |_, e: Error| e)
+                .await;
+            let poll = RetryPolicy::fast()
+                .call(&stats, "Test", "Poll", ok_call, |_, e: Error| e)
+                .await;
+            (write, read, poll)
+        };
+        let (write, read, poll) = fence::scoped(Arc::new(Until(end)), scope).await;
+        let e = write.unwrap_err();
+        assert!(fence::is_lease_lost(&e), "{e:?}");
+        assert_eq!(e.kind, ErrorKind::Conflict);
+        assert_eq!(attempts.load(Ordering::SeqCst), 1);
+        assert_eq!(stats.snapshot()["Put"].calls, 1);
+        assert_eq!((read, poll), (Ok(()), Ok(())));
+    }
+
+    #[tokio::test]
+    async fn without_a_fence_writes_go() {
+        let stats = CallStats::new(op_kind);
+        let out = RetryPolicy::fast()
+            .call(&stats, "Test", "Put", ok_call, |_, e: Error| e)
+            .await;
+        assert_eq!(out, Ok(()));
+        assert_eq!(stats.writes(), 1);
     }
 
     #[test]

@@ -47,6 +47,12 @@ impl CallStats {
         }
     }
 
+    /// What `op` is: [`crate::retry::RetryPolicy::call`] asks the write fence
+    /// ([`crate::fence`]) before every attempt of a write.
+    pub fn kind(&self, op: &str) -> OpKind {
+        (self.kind)(op)
+    }
+
     fn with(&self, op: &str, f: impl FnOnce(&mut OpStats)) {
         if let Ok(mut m) = self.inner.lock() {
             f(m.entry(op.to_string()).or_default());
@@ -125,6 +131,10 @@ mod tests {
         s.retry("put");
         s.error("put");
         assert_eq!((s.reads(), s.writes(), s.calls("poll")), (2, 1, 1));
+        assert_eq!(
+            ["list", "put", "poll"].map(|op| s.kind(op)),
+            [OpKind::Read, OpKind::Write, OpKind::Other]
+        );
         assert_eq!(
             s.snapshot()["put"],
             OpStats {

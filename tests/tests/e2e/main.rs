@@ -10,9 +10,11 @@ mod ci;
 mod cli;
 mod crate_graph;
 mod deploy;
+mod failover;
 mod gcp;
 mod live;
 mod manifests;
+mod orphans;
 mod plugin;
 mod policy;
 mod ports;
@@ -143,8 +145,9 @@ fn plan_on_the_demo_shows_pools_targets_rules_warnings_and_a_summary() {
         let section = run.section(target);
         assert!(
             section[0].contains(&format!(
-                "rules after: {} of ours + 0 others / limit 20",
-                lines.len()
+                "rules after: {} of ours + 0 others / limit 20, headroom {}",
+                lines.len(),
+                20 - lines.len()
             )),
             "{section:?}"
         );
@@ -666,7 +669,7 @@ fn a_service_without_ports_is_fine() {
     assert_eq!(
         run.section("memory:web"),
         [
-            "memory:web (pools: web; rules after: 0 of ours + 0 others / limit 100)",
+            "memory:web (pools: web; rules after: 0 of ours + 0 others / limit 100, headroom 100)",
             "(no rules)"
         ]
     );

@@ -1,6 +1,7 @@
 //! The command-line arguments, as clap reads them.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -207,11 +208,13 @@ pub struct RunArgs {
     /// Plan and report (logs, events, conditions marked as dry run); never write to the cloud.
     #[arg(long, env = "NPF_DRY_RUN")]
     pub dry_run: bool,
-    /// Quiet time after a change before reconciling (e.g. `1500ms`, `2s`).
-    #[arg(long, env = "NPF_DEBOUNCE", default_value = "1500ms", value_parser = parse_duration)]
+    /// Quiet time after a change before reconciling (e.g. `1500ms`, `2s`): 0 to 1m, below
+    /// --resync-interval.
+    #[arg(long, env = "NPF_DEBOUNCE", default_value = "1500ms", value_parser = parse_debounce)]
     pub debounce: std::time::Duration,
-    /// Reconcile this often without changes, re-reading the cloud to repair drift (e.g. `5m`).
-    #[arg(long, env = "NPF_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    /// Reconcile this often without changes, re-reading the cloud to repair drift (e.g. `5m`):
+    /// 1s to 24h.
+    #[arg(long, env = "NPF_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_resync)]
     pub resync_interval: std::time::Duration,
     /// Elect a leader on a coordination.k8s.io Lease; only the leader writes.
     #[arg(long, env = "NPF_LEADER_ELECTION")]
@@ -222,12 +225,79 @@ pub struct RunArgs {
     /// The Lease's namespace (default: $POD_NAMESPACE).
     #[arg(long, env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
-    /// How long a Lease is valid without renewal; it is renewed every third of it.
-    #[arg(long, env = "NPF_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    /// How long a Lease is valid without renewal (3s to 10m); it is renewed every third of
+    /// it, and writes stop when two thirds of it have passed without a renewal.
+    #[arg(long, env = "NPF_LEASE_DURATION", default_value = "15s", value_parser = parse_lease_duration)]
     pub lease_duration: std::time::Duration,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "NPF_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: std::net::SocketAddr,
+}
+
+impl RunArgs {
+    /// The relations between flags that each flag's own bounds cannot see. The leader
+    /// election's own relations (renew period below the write window) are checked by
+    /// [`crate::controller::leader::LeaseConfig::validate`].
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.debounce >= self.resync_interval {
+            return Err(format!(
+                "--debounce {} must be shorter than --resync-interval {}",
+                human(self.debounce),
+                human(self.resync_interval)
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The longest `--debounce`: a change waits at most ten times this long.
+pub const MAX_DEBOUNCE: Duration = Duration::from_secs(60);
+/// The shortest `--resync-interval`: zero would reconcile without pause.
+pub const MIN_RESYNC: Duration = Duration::from_secs(1);
+/// The longest `--resync-interval`: drift is repaired at least daily.
+pub const MAX_RESYNC: Duration = Duration::from_secs(24 * 3600);
+
+/// `--debounce`: 0 (reconcile at once) to [`MAX_DEBOUNCE`].
+pub fn parse_debounce(s: &str) -> std::result::Result<Duration, String> {
+    parse_bounded(s, Duration::ZERO, MAX_DEBOUNCE)
+}
+
+/// `--resync-interval`: [`MIN_RESYNC`] to [`MAX_RESYNC`].
+pub fn parse_resync(s: &str) -> std::result::Result<Duration, String> {
+    parse_bounded(s, MIN_RESYNC, MAX_RESYNC)
+}
+
+/// `--lease-duration`: see [`crate::controller::leader::MIN_LEASE_DURATION`] and
+/// [`crate::controller::leader::MAX_LEASE_DURATION`].
+pub fn parse_lease_duration(s: &str) -> std::result::Result<Duration, String> {
+    use crate::controller::leader::{MAX_LEASE_DURATION, MIN_LEASE_DURATION};
+    parse_bounded(s, MIN_LEASE_DURATION, MAX_LEASE_DURATION)
+}
+
+fn parse_bounded(s: &str, min: Duration, max: Duration) -> std::result::Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < min || d > max {
+        return Err(format!(
+            "{s:?} is out of range: must be between {} and {}",
+            human(min),
+            human(max)
+        ));
+    }
+    Ok(d)
+}
+
+/// A duration as the flags take it: `0s`, `1500ms`, `15s`, `10m`, `24h`.
+pub fn human(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() != 0 {
+        format!("{}ms", d.as_millis())
+    } else if secs != 0 && secs.is_multiple_of(3600) {
+        format!("{}h", secs / 3600)
+    } else if secs != 0 && secs.is_multiple_of(60) {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
 }
 
 /// Parses `250ms`, `1.5s`, `5m`, `1h`, or plain seconds.
@@ -249,4 +319,102 @@ pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, Strin
         _ => return Err(format!("unknown unit in {s:?}: use ms, s, m or h")),
     };
     std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duration_flags_are_bounded() {
+        // (parser, input, Ok(duration) or a part of the error)
+        type Parser = fn(&str) -> std::result::Result<Duration, String>;
+        let ms = Duration::from_millis;
+        let cases: &[(&str, Parser, &str, std::result::Result<Duration, &str>)] = &[
+            ("debounce", parse_debounce, "0s", Ok(Duration::ZERO)),
+            ("debounce", parse_debounce, "1500ms", Ok(ms(1500))),
+            ("debounce", parse_debounce, "1m", Ok(ms(60_000))),
+            ("debounce", parse_debounce, "61s", Err("between 0s and 1m")),
+            ("debounce", parse_debounce, "-1s", Err("\"-1s\"")),
+            ("resync", parse_resync, "0s", Err("between 1s and 24h")),
+            ("resync", parse_resync, "999ms", Err("between 1s and 24h")),
+            ("resync", parse_resync, "5m", Ok(ms(300_000))),
+            ("resync", parse_resync, "24h", Ok(ms(86_400_000))),
+            ("resync", parse_resync, "25h", Err("between 1s and 24h")),
+            ("resync", parse_resync, "1e300h", Err("1e300h")),
+            (
+                "lease",
+                parse_lease_duration,
+                "0s",
+                Err("between 3s and 10m"),
+            ),
+            (
+                "lease",
+                parse_lease_duration,
+                "2999ms",
+                Err("between 3s and 10m"),
+            ),
+            ("lease", parse_lease_duration, "3s", Ok(ms(3000))),
+            ("lease", parse_lease_duration, "15s", Ok(ms(15_000))),
+            ("lease", parse_lease_duration, "10m", Ok(ms(600_000))),
+            (
+                "lease",
+                parse_lease_duration,
+                "11m",
+                Err("between 3s and 10m"),
+            ),
+            (
+                "lease",
+                parse_lease_duration,
+                "18446744073709551615",
+                Err("18446744073709551615"),
+            ),
+            ("lease", parse_lease_duration, "nan", Err("nan")),
+            ("lease", parse_lease_duration, "inf", Err("inf")),
+        ];
+        for (what, parse, input, want) in cases {
+            match (parse(input), want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, *want, "{what} {input}"),
+                (Err(got), Err(want)) => assert!(got.contains(want), "{what} {input}: {got}"),
+                (got, want) => panic!("{what} {input}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn debounce_must_be_shorter_than_the_resync() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["nodeport-firewall", "run", "--config", "c.yaml"];
+            args.extend_from_slice(extra);
+            match Cli::try_parse_from(args).unwrap().command {
+                Command::Run(run) => run.validate(),
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(parse(&[]), Ok(()));
+        assert_eq!(
+            parse(&["--debounce", "2s", "--resync-interval", "3s"]),
+            Ok(())
+        );
+        let e = parse(&["--debounce", "30s", "--resync-interval", "30s"]).unwrap_err();
+        assert_eq!(
+            e,
+            "--debounce 30s must be shorter than --resync-interval 30s"
+        );
+    }
+
+    #[test]
+    fn durations_read_back_as_flags() {
+        let cases = [
+            (Duration::ZERO, "0s"),
+            (Duration::from_millis(1500), "1500ms"),
+            (Duration::from_secs(15), "15s"),
+            (Duration::from_secs(600), "10m"),
+            (Duration::from_secs(86_400), "24h"),
+        ];
+        for (d, want) in cases {
+            assert_eq!(human(d), want);
+            assert_eq!(parse_duration(want), Ok(d));
+        }
+    }
 }

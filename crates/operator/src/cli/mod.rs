@@ -427,27 +427,31 @@ async fn run_controller(args: RunArgs) -> Result<u8> {
     use crate::controller::{self, Context, Settings, leader::LeaseConfig};
     use std::sync::Arc;
 
+    // Usage errors first, before anything is read or connected to.
+    args.validate().map_err(Error::Usage)?;
+    let identity = identity();
+    let lease = if args.leader_election {
+        let namespace = args.lease_namespace.clone().ok_or_else(|| {
+            Error::Usage("--leader-election needs --lease-namespace or $POD_NAMESPACE".into())
+        })?;
+        let lease = LeaseConfig {
+            namespace,
+            name: args.lease_name.clone(),
+            identity: identity.clone(),
+            lease_duration: args.lease_duration,
+            renew_period: args.lease_duration / 3,
+        };
+        lease.validate().map_err(Error::Usage)?;
+        Some(lease)
+    } else {
+        None
+    };
     let config = load_config(&args.config)?;
     let backend = Arc::new(providers::build(&args.provider, &config, args.state.as_deref()).await?);
     controller::install_crypto_provider();
     let client = kube::Client::try_default()
         .await
         .map_err(|e| Error::Io(format!("cannot build a Kubernetes client: {e}")))?;
-    let identity = identity();
-    let lease = if args.leader_election {
-        let namespace = args.lease_namespace.clone().ok_or_else(|| {
-            Error::Usage("--leader-election needs --lease-namespace or $POD_NAMESPACE".into())
-        })?;
-        Some(LeaseConfig {
-            namespace,
-            name: args.lease_name.clone(),
-            identity: identity.clone(),
-            lease_duration: args.lease_duration,
-            renew_period: args.lease_duration / 3,
-        })
-    } else {
-        None
-    };
     let settings = Settings {
         debounce: args.debounce,
         resync: args.resync_interval,

@@ -1,9 +1,13 @@
 //! A provider wrapper: counts calls for metrics, and refuses writes unless this instance
-//! may write (leader, not dry run). Error kinds travel in the plan and the apply outcomes.
+//! may write (leader, not dry run). Every apply runs inside the write fence of the lease
+//! ([`nodeport_firewall_provider::fence`]), so that each cloud write, not each target, is
+//! checked against it: a target's remaining writes stop the moment the lease is lost or
+//! about to be. Error kinds travel in the plan and the apply outcomes.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use nodeport_firewall_provider::fence::{self, WriteFence};
 use nodeport_firewall_provider::{
     ApplyFailure, ApplyReport, Error, ErrorKind, ManualSteps, Observation, PoolTarget, PoolView,
     Provider, Render, Result, Target, TargetPlan,
@@ -82,15 +86,11 @@ impl Provider for Gated {
         if self.dry_run {
             return Err(Error::new(ErrorKind::Other, "dry run: write skipped").into());
         }
-        // Checked right before every target's write: a lost lease stops writes at once.
-        if !self.leadership.is_leader() {
-            return Err(Error::new(
-                ErrorKind::Conflict,
-                "not the leader (lease lost): write skipped",
-            )
-            .into());
-        }
-        let r = self.inner.apply(plan).await;
+        // Checked once here (a target not started at all), then by the provider before each
+        // of its writes, under the fence installed for this apply.
+        self.leadership.may_write()?;
+        let fence: Arc<dyn WriteFence> = Arc::new(self.leadership.clone());
+        let r = fence::scoped(fence, self.inner.apply(plan)).await;
         self.count("apply", r.as_ref().err().map(|f| &f.error));
         r
     }

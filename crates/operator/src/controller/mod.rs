@@ -6,9 +6,9 @@
 //! target: a change re-reads and writes only the targets whose plan it changes (the others
 //! are planned against what was last read there), a resync re-reads every target, and the
 //! engine applies each target's plan with exactly one writer per target and bounded
-//! concurrency. Only the
-//! leader reconciles; the provider is wrapped so that a write is refused the moment the
-//! lease is lost.
+//! concurrency. Only the leader reconciles; the provider is wrapped ([`gate`]) so that every
+//! apply runs inside the lease's write fence, and each cloud write is refused the moment the
+//! lease is lost or about to be.
 
 pub mod backend;
 pub mod cache;
@@ -289,6 +289,15 @@ pub async fn run(
     result
 }
 
+/// `from + d`, or about a year on when that overflows the clock: a huge interval (the flags
+/// bound them, tests may not) means "not soon", never a panic.
+fn later(from: Instant, d: Duration) -> Instant {
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    from.checked_add(d)
+        .or_else(|| from.checked_add(YEAR))
+        .unwrap_or(from)
+}
+
 /// Completes once shutdown has begun. The guard `wait_for` returns is dropped here, so that
 /// the controller's future stays `Send`.
 async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -319,7 +328,7 @@ impl Loop<'_> {
         let mut force = true;
         let mut first_change = Instant::now();
         let mut deadline = Instant::now();
-        let mut next_resync = Instant::now() + s.resync;
+        let mut next_resync = later(Instant::now(), s.resync);
         loop {
             let leader = self.leadership.is_leader();
             self.ctx.metrics.leader.set(i64::from(leader));
@@ -346,24 +355,25 @@ impl Loop<'_> {
                         dirty = true;
                         first_change = now;
                     }
-                    deadline = (now + s.debounce).min(first_change + s.debounce * 10);
+                    deadline = later(now, s.debounce)
+                        .min(later(first_change, s.debounce.saturating_mul(10)));
                 }
                 _ = tokio::time::sleep_until(deadline), if dirty => {
                     dirty = false;
                     if self.leadership.is_leader()
                         && let Some(retry) = self.reconcile(std::mem::take(&mut force)).await
                     {
-                        next_resync = next_resync.min(Instant::now() + retry);
+                        next_resync = next_resync.min(later(Instant::now(), retry));
                     }
                 }
                 _ = tokio::time::sleep_until(next_resync) => {
-                    next_resync = Instant::now() + s.resync;
+                    next_resync = later(Instant::now(), s.resync);
                     if self.leadership.is_leader() {
                         info!("periodic resync");
                         dirty = false;
                         force = false;
                         if let Some(retry) = self.reconcile(true).await {
-                            next_resync = next_resync.min(Instant::now() + retry);
+                            next_resync = next_resync.min(later(Instant::now(), retry));
                         }
                     }
                 }
