@@ -8,16 +8,26 @@
 //!   `Azure-AsyncOperation` URL that reports `InProgress`, then `Succeeded`;
 //! - `DELETE .../securityRules/<name>` answers 202 with a `Location` URL that answers 202
 //!   while running, then 204; the rule disappears when the operation completes;
-//! - a priority held by another inbound rule gives 400 `SecurityRuleConflict`;
+//! - a rule is `provisioningState: Updating` (`Deleting`) while its operation runs, and
+//!   `Succeeded` when it is done; a failed operation (`Fault::FailOperation`) leaves the
+//!   rule `Failed`, its properties as the PUT wrote them (a DELETE leaves it in place), as
+//!   ARM does, until another PUT restores it;
+//! - `GET .../networkSecurityGroups` per subscription or resource group lists the NSGs,
+//!   each with its `securityRules` and `defaultSecurityRules`, in pages (`nextLink`);
+//! - `access` must be `Allow` or `Deny` and `direction` `Inbound` or `Outbound`; a
+//!   priority held by another rule of the same direction gives 400 `SecurityRuleConflict`;
 //! - IPv4 mixed with IPv6, bad names, priorities or descriptions, both singular and plural
 //!   fields, and exceeded NSG limits (rules, source and destination prefixes) are refused;
 //! - 429 with `Retry-After` can be injected, with or without
-//!   `RetryableErrorDueToAnotherOperation`; latency can be injected per write;
+//!   `RetryableErrorDueToAnotherOperation`, and 409 `AnotherOperationInProgress`; latency
+//!   can be injected per write;
 //! - every ARM request needs `Authorization: Bearer <token>`: [`ArmServer::STATIC_TOKEN`]
 //!   or one issued by `POST /<tenant>/oauth2/v2.0/token` (client-assertion flow), whose
 //!   assertions are recorded.
 //!
 //! The server runs on its own thread, so sync and async tests can use it alike.
+
+mod nsgs;
 
 use crate::faults::{Fault, Faults};
 use std::collections::{BTreeMap, HashMap};
@@ -61,14 +71,20 @@ impl Default for NsgLimits {
 #[derive(Debug)]
 struct Operation {
     polls_left: u32,
-    /// For deletes: the rule to remove when the operation completes.
-    delete: Option<(String, String)>,
+    /// The rule (NSG path, lower-cased name) whose state the operation ends.
+    rule: Option<(String, String)>,
+    /// A delete: the rule goes when the operation succeeds.
+    delete: bool,
+    /// How the operation ends instead of succeeding: (code, message).
+    fail: Option<(String, String)>,
 }
 
 #[derive(Debug, Default)]
 struct State {
     /// Lower-cased NSG path -> rules by lower-cased name (ARM names are case-insensitive).
     nsgs: BTreeMap<String, BTreeMap<String, Value>>,
+    /// Lower-cased NSG path -> its id as first spelled.
+    nsg_ids: BTreeMap<String, String>,
     operations: HashMap<String, Operation>,
     next_op: u64,
     tokens: Vec<String>,
@@ -213,6 +229,20 @@ fn validate(name: &str, p: &Value) -> Result<(), (&'static str, String)> {
             format!("priority {priority} is not within 100-4096"),
         ));
     }
+    let access = p.get("access").and_then(|v| v.as_str()).unwrap_or("");
+    if !["Allow", "Deny"].contains(&access) {
+        return Err((
+            "SecurityRuleInvalidAccess",
+            format!("access {access:?} is invalid: Allow or Deny"),
+        ));
+    }
+    let direction = p.get("direction").and_then(|v| v.as_str()).unwrap_or("");
+    if !["Inbound", "Outbound"].contains(&direction) {
+        return Err((
+            "SecurityRuleInvalidDirection",
+            format!("direction {direction:?} is invalid: Inbound or Outbound"),
+        ));
+    }
     let protocol = p.get("protocol").and_then(|v| v.as_str()).unwrap_or("");
     if !["Tcp", "Udp", "Icmp", "Esp", "Ah", "*"].contains(&protocol) {
         return Err((
@@ -331,8 +361,53 @@ impl ArmServer {
         let id = Self::nsg_id(subscription, resource_group, name);
         self.with(|s| {
             s.nsgs.entry(id.to_ascii_lowercase()).or_default();
+            s.nsg_ids
+                .entry(id.to_ascii_lowercase())
+                .or_insert_with(|| id.clone());
         });
         id
+    }
+
+    /// Sets a rule's `provisioningState` (`Failed`, `Updating`...) as an operation ARM
+    /// never finished would leave it.
+    pub fn set_provisioning_state(&self, nsg_id: &str, name: &str, state: &str) {
+        self.with(|s| {
+            if let Some(r) = s
+                .nsgs
+                .get_mut(&nsg_id.to_ascii_lowercase())
+                .and_then(|rules| rules.get_mut(&name.to_ascii_lowercase()))
+            {
+                r["properties"]["provisioningState"] = json!(state);
+            }
+        });
+    }
+
+    /// The next `n` writes (PUT or DELETE) answer 409 `AnotherOperationInProgress`, as ARM
+    /// does while another operation holds the NSG or a resource it depends on, with
+    /// `Retry-After: <secs>`.
+    pub fn busy_writes(&self, n: usize, retry_after_secs: u64) {
+        self.inject(
+            "write",
+            n,
+            Fault::Status {
+                status: 409,
+                code: Some("AnotherOperationInProgress".to_string()),
+                retry_after: Some(retry_after_secs),
+            },
+        );
+    }
+
+    /// The long-running operations of the next `n` rule PUTs fail with `code`: each rule
+    /// is left `provisioningState: Failed`.
+    pub fn fail_next_put_operations(&self, n: usize, code: &str) {
+        self.inject(
+            "PutSecurityRule",
+            n,
+            Fault::FailOperation {
+                code: code.to_string(),
+                message: "The operation failed inside the network resource provider.".into(),
+            },
+        );
     }
 
     /// Writes a rule directly, as another tool would, bypassing every check.
@@ -340,6 +415,9 @@ impl ArmServer {
     pub fn seed_rule(&self, nsg_id: &str, name: &str, properties: Value) {
         let rule = rule_json(nsg_id, name, properties);
         self.with(|s| {
+            s.nsg_ids
+                .entry(nsg_id.to_ascii_lowercase())
+                .or_insert_with(|| nsg_id.to_string());
             s.nsgs
                 .entry(nsg_id.to_ascii_lowercase())
                 .or_default()
@@ -670,16 +748,42 @@ async fn handle(state: &Mutex<State>, base: &str, req: Request<Incoming>) -> Rep
                 )
             };
         }
-        if let Some((nsg, name)) = op.delete.take()
+        let (rule, delete, fail) = (op.rule.take(), op.delete, op.fail.clone());
+        if let Some((nsg, name)) = rule
             && let Some(rules) = s.nsgs.get_mut(&nsg)
         {
-            rules.remove(&name);
+            match (&fail, delete) {
+                (None, true) => {
+                    rules.remove(&name);
+                }
+                (fail, _) => {
+                    if let Some(r) = rules.get_mut(&name) {
+                        let state = if fail.is_some() {
+                            "Failed"
+                        } else {
+                            "Succeeded"
+                        };
+                        r["properties"]["provisioningState"] = json!(state);
+                    }
+                }
+            }
         }
-        return if results {
-            reply(StatusCode::NO_CONTENT, Value::Null, &[])
-        } else {
-            reply(StatusCode::OK, json!({"status": "Succeeded"}), &[])
+        return match (fail, results) {
+            (None, true) => reply(StatusCode::NO_CONTENT, Value::Null, &[]),
+            (None, false) => reply(StatusCode::OK, json!({"status": "Succeeded"}), &[]),
+            (Some((code, message)), true) => arm_error(StatusCode::BAD_REQUEST, &code, &message),
+            (Some((code, message)), false) => reply(
+                StatusCode::OK,
+                json!({"status": "Failed", "error": {"code": code, "message": message}}),
+                &[],
+            ),
         };
+    }
+
+    if method == Method::GET
+        && lower.ends_with("/providers/microsoft.network/networksecuritygroups")
+    {
+        return nsgs::list(state, base, &path, &lower, &query);
     }
 
     let Some(at) = lower.find("/securityrules") else {
@@ -748,6 +852,12 @@ async fn handle(state: &Mutex<State>, base: &str, req: Request<Incoming>) -> Rep
                 let s = state.lock().unwrap();
                 (s.faults.take(&[operation, "write"]), s.write_latency)
             };
+            let fail = match &fault {
+                Some(Fault::FailOperation { code, message }) => {
+                    Some((code.clone(), message.clone()))
+                }
+                _ => None,
+            };
             if let Some(Fault::Status {
                 status,
                 code,
@@ -785,11 +895,16 @@ async fn handle(state: &Mutex<State>, base: &str, req: Request<Incoming>) -> Rep
                 s.next_op += 1;
                 let id = format!("del-{}", s.next_op);
                 let polls = s.polls_per_operation;
+                if let Some(r) = s.nsgs.get_mut(&nsg_path).and_then(|r| r.get_mut(&key)) {
+                    r["properties"]["provisioningState"] = json!("Deleting");
+                }
                 s.operations.insert(
                     id.clone(),
                     Operation {
                         polls_left: polls,
-                        delete: Some((nsg_path.clone(), key)),
+                        rule: Some((nsg_path.clone(), key)),
+                        delete: true,
+                        fail,
                     },
                 );
                 let loc = sub_loc("operationResults", &id);
@@ -799,7 +914,7 @@ async fn handle(state: &Mutex<State>, base: &str, req: Request<Incoming>) -> Rep
                     &[("location", loc), ("retry-after", "0".into())],
                 );
             }
-            put_rule(state, &nsg_path, &nsg_id, &name, &body, &sub_loc)
+            put_rule(state, &nsg_path, &nsg_id, &name, &body, &sub_loc, fail)
         }
         _ => arm_error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -816,6 +931,7 @@ fn put_rule(
     name: &str,
     body: &[u8],
     sub_loc: &dyn Fn(&str, &str) -> String,
+    fail: Option<(String, String)>,
 ) -> Reply {
     let v: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
@@ -907,8 +1023,10 @@ fn put_rule(
             "too many destination prefixes",
         );
     }
-    let rule = rule_json(nsg_id, name, props);
-    rules.insert(key, rule.clone());
+    let mut rule = rule_json(nsg_id, name, props);
+    // Updating until its operation ends, as ARM reports a rule being written.
+    rule["properties"]["provisioningState"] = json!("Updating");
+    rules.insert(key.clone(), rule.clone());
     s.next_op += 1;
     let id = format!("put-{}", s.next_op);
     let polls = s.polls_per_operation;
@@ -916,11 +1034,12 @@ fn put_rule(
         id.clone(),
         Operation {
             polls_left: polls,
-            delete: None,
+            rule: Some((nsg_path.to_string(), key)),
+            delete: false,
+            fail,
         },
     );
-    let mut body = rule;
-    body["properties"]["provisioningState"] = json!("Updating");
+    let body = rule;
     reply(
         if existed {
             StatusCode::OK
@@ -943,3 +1062,6 @@ pub fn aks_lb_rule(priority: i64, port: u16) -> Value {
         "access": "Allow", "priority": priority, "direction": "Inbound"
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -38,7 +38,11 @@ impl AzureProvider {
                 let name = c.id.as_deref().unwrap_or_default();
                 let mut rule = c.rule.clone();
                 rule.name = Some(name.to_string());
-                self.put_rule(&nsg, &rule, planned_priority(c)?).await?;
+                // At the plan's priority, which may differ from the observed one (a rule of
+                // ours moved before a Deny that shadows it): taken meanwhile is a conflict.
+                self.put_rule(&nsg, &rule, planned_priority(c)?)
+                    .await
+                    .map_err(|e| moved_on(e, &nsg))?;
                 report.updated += 1;
             }
             for c in &adds {
@@ -71,7 +75,17 @@ impl AzureProvider {
         }
     }
 
-    /// PUTs one rule at `priority` and waits for it.
+    /// Whether an apply of ours is writing to the NSG `nsg` now (it holds the writer).
+    pub(crate) fn writing(&self, nsg: &str) -> bool {
+        let writer = match self.writers.lock() {
+            Ok(w) => w.get(nsg).cloned(),
+            Err(_) => None,
+        };
+        writer.is_some_and(|w| w.try_lock().is_err())
+    }
+
+    /// PUTs one rule at `priority` and waits for it: the whole rule, so that a rule left
+    /// `Failed` or stuck `Updating` is restored by the same PUT that changes one.
     async fn put_rule(&self, nsg: &NsgId, rule: &Rule, priority: i32) -> Result<()> {
         let name = rule
             .name

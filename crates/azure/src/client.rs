@@ -14,7 +14,7 @@ use futures::StreamExt;
 use nodeport_firewall_provider::{Error, ErrorKind, Result};
 
 use crate::wire::plural;
-use crate::{ATTEMPT_TIMEOUT, AzureProvider, NsgId, discovery, error, http, invalid};
+use crate::{ATTEMPT_TIMEOUT, AzureProvider, NsgId, discovery, error, http, invalid, orphans};
 
 impl AzureProvider {
     /// Runs one ARM operation: counted, retried when throttled or transient, errors mapped.
@@ -36,6 +36,31 @@ impl AzureProvider {
                 .security_rules_client()
                 .list(&nsg.resource_group, &nsg.name, &nsg.subscription)
                 .into_stream();
+            async move {
+                let mut stream = stream;
+                let mut all = Vec::new();
+                while let Some(page) = stream.next().await {
+                    all.extend(page?.value);
+                }
+                Ok(all)
+            }
+        })
+        .await
+    }
+
+    /// Lists every NSG of a subscription or resource group, with its rules, all pages.
+    pub(crate) async fn list_nsgs(
+        &self,
+        scope: &orphans::Scope,
+    ) -> Result<Vec<arm::NetworkSecurityGroup>> {
+        self.call("ListNetworkSecurityGroups", || {
+            let nsgs = self.client.network_security_groups_client();
+            let stream = match scope {
+                orphans::Scope::Subscription(s) => nsgs.list_all(s).into_stream(),
+                orphans::Scope::ResourceGroup { subscription, name } => {
+                    nsgs.list(name, subscription).into_stream()
+                }
+            };
             async move {
                 let mut stream = stream;
                 let mut all = Vec::new();

@@ -49,6 +49,11 @@ pub struct AzureConfig {
     /// How long a pool's discovered NSG and destination are reused while its VMSSs stay
     /// the same.
     pub resolution_cache_seconds: u64,
+    /// Subscriptions (`/subscriptions/<sub>`) or resource groups
+    /// (`/subscriptions/<sub>/resourceGroups/<rg>`) also searched for NSGs holding rules
+    /// of ours that no managed pool maps to any more (orphans), besides the resource
+    /// groups of the NSGs the config names.
+    pub orphan_scopes: Vec<String>,
     pub retry: RetrySettings,
 }
 
@@ -72,6 +77,7 @@ impl Default for AzureConfig {
             max_priority_conflicts: 5,
             discover_destination: true,
             resolution_cache_seconds: 300,
+            orphan_scopes: Vec::new(),
             retry: RetrySettings::default(),
         }
     }
@@ -98,6 +104,10 @@ impl AzureConfig {
         }
         if !(1..=86_400).contains(&self.operation_timeout_seconds) {
             return bad("operationTimeoutSeconds must be 1-86400".to_string());
+        }
+        for scope in &self.orphan_scopes {
+            crate::orphans::Scope::parse(scope)
+                .map_err(|e| Error::new(ErrorKind::Config, format!("azure.orphanScopes: {e}")))?;
         }
         if let Some(nsg) = &self.network_security_group {
             crate::NsgId::parse(nsg).map_err(|e| {

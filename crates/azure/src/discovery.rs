@@ -5,7 +5,9 @@
 //! choices themselves are pure functions, tested on their own.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
+use ipnet::IpNet;
 use nodeport_firewall_model::{NodeSpec, PoolName};
 use nodeport_firewall_provider::{Error, ErrorKind, Result};
 
@@ -200,6 +202,27 @@ pub fn choose_destination(
     Found::NodeIps
 }
 
+/// A node's address as a destination prefix: a single host (`/32`, `/128`), or why not.
+///
+/// `status.addresses` is written by the kubelet (and the cloud controller), so a node can
+/// claim anything there. Only a bare IPv4 or IPv6 address is taken: a CIDR (`10.0.0.0/8`,
+/// even `10.0.0.4/32`), a name, the unspecified address or text with spaces would widen or
+/// garble the rule of every node of the pool. The caller refuses the whole pool (fail
+/// closed and loud) rather than skip the node quietly: see docs/azure.md.
+pub fn node_destination(address: &str) -> std::result::Result<IpNet, String> {
+    let ip: IpAddr = address.parse().map_err(|_| {
+        if address.contains('/') {
+            format!("{address:?} is a CIDR, not a single address")
+        } else {
+            format!("{address:?} is not an IP address")
+        }
+    })?;
+    if ip.is_unspecified() {
+        return Err(format!("{address:?} is the unspecified address"));
+    }
+    Ok(IpNet::from(ip))
+}
+
 /// Splits a subnet id into (subscription, resource group, vnet, subnet).
 pub fn subnet_parts(id: &str) -> Option<(String, String, String, String)> {
     let parts: Vec<&str> = id.trim_matches('/').split('/').collect();
@@ -349,6 +372,32 @@ mod tests {
             choose_destination(&vmss, &[nic(None, "a", &[])], &shared),
             Found::NodeIps
         );
+    }
+
+    #[test]
+    fn node_addresses_must_be_single_hosts() {
+        for (address, want) in [
+            ("10.240.0.4", Ok("10.240.0.4/32")),
+            ("fd00:10::4", Ok("fd00:10::4/128")),
+            ("::ffff:10.0.0.1", Ok("::ffff:10.0.0.1/128")),
+            ("10.0.0.0/8", Err("is a CIDR")),
+            ("10.240.0.4/32", Err("is a CIDR")),
+            ("0.0.0.0/0", Err("is a CIDR")),
+            ("fd00::/8", Err("is a CIDR")),
+            ("0.0.0.0", Err("unspecified")),
+            ("::", Err("unspecified")),
+            ("", Err("not an IP address")),
+            (" 10.240.0.4", Err("not an IP address")),
+            ("node-1.internal", Err("not an IP address")),
+            ("Internet", Err("not an IP address")),
+            ("10.240.0.4,10.0.0.0", Err("not an IP address")),
+        ] {
+            match (node_destination(address), want) {
+                (Ok(net), Ok(text)) => assert_eq!(net.to_string(), text, "{address:?}"),
+                (Err(e), Err(part)) => assert!(e.contains(part), "{address:?}: {e}"),
+                (got, want) => panic!("{address:?}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]

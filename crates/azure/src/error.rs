@@ -49,10 +49,25 @@ impl ArmError {
 /// The neutral kind of an ARM error code and status.
 pub fn kind_of(status: u16, code: Option<&str>) -> ErrorKind {
     match code {
-        Some("RetryableErrorDueToAnotherOperation" | "TooManyRequests" | "Throttled") => {
+        Some(
+            "RetryableErrorDueToAnotherOperation"
+            | "RetryableError"
+            | "TooManyRequests"
+            | "Throttled",
+        ) => {
             return ErrorKind::Throttled;
         }
-        Some("SecurityRuleConflict" | "AnotherOperationInProgress" | "PreconditionFailed") => {
+        // The resource, or one it depends on (the NSG, a subnet, a NIC), is busy with
+        // another operation, or ours was superseded by one: nothing was changed by the
+        // answer and the same request succeeds once the other operation ends. Retried
+        // with backoff, honouring Retry-After, never surfaced as a conflict: no one took
+        // anything of ours.
+        Some(
+            "AnotherOperationInProgress"
+            | "ReferencedResourceNotProvisioned"
+            | "CanceledAndSupersededDueToAnotherOperation",
+        ) => return ErrorKind::Transient,
+        Some("SecurityRuleConflict" | "PreconditionFailed") => {
             return ErrorKind::Conflict;
         }
         Some(
@@ -162,6 +177,23 @@ mod tests {
             ),
             (429, None, ErrorKind::Throttled),
             (400, Some("SecurityRuleConflict"), ErrorKind::Conflict),
+            (
+                409,
+                Some("AnotherOperationInProgress"),
+                ErrorKind::Transient,
+            ),
+            (429, Some("RetryableError"), ErrorKind::Throttled),
+            (
+                409,
+                Some("ReferencedResourceNotProvisioned"),
+                ErrorKind::Transient,
+            ),
+            (
+                200,
+                Some("CanceledAndSupersededDueToAnotherOperation"),
+                ErrorKind::Transient,
+            ),
+            (409, None, ErrorKind::Conflict),
             (412, None, ErrorKind::Conflict),
             (
                 400,
@@ -184,6 +216,29 @@ mod tests {
             (302, None, ErrorKind::Other),
         ] {
             assert_eq!(kind_of(status, code), kind, "{status} {code:?}");
+        }
+    }
+
+    #[test]
+    fn busy_answers_are_retryable_and_conflicts_are_not() {
+        for (status, code, retryable) in [
+            (409, "AnotherOperationInProgress", true),
+            (429, "RetryableErrorDueToAnotherOperation", true),
+            (409, "ReferencedResourceNotProvisioned", true),
+            (400, "SecurityRuleConflict", false),
+            (412, "PreconditionFailed", false),
+        ] {
+            let e = from_arm(
+                "PutSecurityRule",
+                &ArmError {
+                    status,
+                    code: Some(code.to_string()),
+                    message: None,
+                    retry_after: Some(Duration::from_secs(3)),
+                },
+            );
+            assert_eq!(e.is_retryable(), retryable, "{status} {code}");
+            assert_eq!(e.retry_after, Some(Duration::from_secs(3)), "{code}");
         }
     }
 

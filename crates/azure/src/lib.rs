@@ -10,7 +10,8 @@
 //!
 //! The modules, one idea each: `client` makes the ARM calls, `wire` maps ARM rules to and
 //! from the neutral model, `observe` reads an NSG and the limits left for us, `resolve`
-//! finds a pool's NSG and destination, and `apply` carries out a plan.
+//! finds a pool's NSG and destination, `orphans` finds the NSGs holding rules of ours,
+//! and `apply` carries out a plan.
 
 mod apply;
 mod client;
@@ -21,10 +22,13 @@ pub mod error;
 mod http;
 pub mod marker;
 mod observe;
+pub mod orphans;
 mod render;
 mod resolve;
 pub mod stats;
 mod wire;
+#[cfg(test)]
+mod wire_props;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,7 +37,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use azure_core::auth::TokenCredential;
 use azure_core::{HttpClient, RetryOptions, TransportOptions, Url};
-use nodeport_firewall_model::{Observation, PoolTarget, Render, Target, TargetPlan};
+use nodeport_firewall_model::{Config, Observation, PoolTarget, Render, Target, TargetPlan};
 use nodeport_firewall_provider::{
     ApplyFailure, ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy,
 };
@@ -195,6 +199,12 @@ impl Provider for AzureProvider {
 
     async fn resolve(&self, pool: PoolView<'_>) -> Result<Vec<PoolTarget>> {
         self.resolve_pool(pool).await
+    }
+
+    /// The NSGs holding rules of ours in the resource groups of the NSGs the config names
+    /// and in `azure.orphanScopes` ([`orphans`]): one paged list per scope.
+    async fn owned_targets(&self, config: &Config) -> Result<Vec<Target>> {
+        self.nsgs_with_rules_of_ours(config).await
     }
 
     async fn observe(&self, target: &Target) -> Result<Observation> {

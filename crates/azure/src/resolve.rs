@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use nodeport_firewall_model::{PoolTarget, Target};
 use nodeport_firewall_provider::{Error, ErrorKind, PoolView, Result};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::marker::{self, Destination};
 use crate::{AzurePoolConfig, AzureProvider, NAME, NsgId, config_error, discovery};
@@ -99,15 +99,21 @@ impl AzureProvider {
             ),
             (None, discovery::Found::NodeIps) => {
                 // The pool's node IPs: refreshed on every reconcile as nodes come and go.
+                // Nodes report them themselves: anything but a single address refuses the
+                // pool (its rules are then kept as they are), it never widens a rule.
                 let mut ips = Vec::new();
                 for node in pool.nodes {
                     for ip in &node.internal_ips {
-                        match marker::parse_prefix(ip) {
-                            Some(n) => ips.push(n),
-                            None => {
-                                warn!(node = %node.name, ip, "ignoring an InternalIP that is not an address")
-                            }
-                        }
+                        let host = discovery::node_destination(ip).map_err(|why| {
+                            Error::new(
+                                ErrorKind::Discovery,
+                                format!(
+                                    "pool {}: node {}: its InternalIP {why}; node addresses become /32 and /128 destinations, so they must be single addresses. Fix the node's status.addresses, or set pools.{}.azure.destinationPrefixes or applicationSecurityGroup",
+                                    pool.name, node.name, pool.name
+                                ),
+                            )
+                        })?;
+                        ips.push(host);
                     }
                 }
                 if ips.is_empty() {

@@ -3,17 +3,18 @@
 //! body written for one of our [`Rule`]s. No calls are made here.
 
 use azure_mgmt_network::package_2024_03::models::{
-    self as arm, ApplicationSecurityGroup, SecurityRuleAccess, SecurityRuleDirection,
-    SecurityRulePropertiesFormat, security_rule_properties_format::Protocol as ArmProtocol,
+    self as arm, ApplicationSecurityGroup, ProvisioningState, SecurityRuleAccess,
+    SecurityRuleDirection, SecurityRulePropertiesFormat,
+    security_rule_properties_format::Protocol as ArmProtocol,
 };
 use ipnet::IpNet;
 use nodeport_firewall_model::{
-    IpFamily, MarkerDigest, ObservedRule, PortRange, Protocol, Rule, RuleContent,
+    Denial, IpFamily, MarkerDigest, ObservedRule, PortRange, Protocol, Rule, RuleContent,
 };
 use nodeport_firewall_provider::Result;
 
+use crate::invalid;
 use crate::marker::{self, Destination, Marker};
-use crate::{AzureProvider, invalid};
 
 /// A network security group's resource id, parsed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -58,104 +59,193 @@ impl NsgId {
     }
 }
 
-impl AzureProvider {
-    /// Maps one ARM rule to a neutral rule. A rule that cannot be expressed as ours (deny,
-    /// other protocols, service tags, port `*`) is never ours; it keeps no sources, so it
-    /// never stands in for one of ours.
-    pub(crate) fn to_observed(&self, r: &arm::SecurityRule) -> Option<ObservedRule> {
-        let name = r.name.clone()?;
-        let p = r.properties.as_ref()?;
-        let marker = marker::parse(&self.cluster, p.description.as_deref());
-        let protocol = match p.protocol {
-            ArmProtocol::Tcp => Some(Protocol::Tcp),
-            ArmProtocol::Udp => Some(Protocol::Udp),
-            _ => None,
-        };
-        let sources_text = plural(&p.source_address_prefix, &p.source_address_prefixes);
-        let sources: Option<Vec<IpNet>> = sources_text
+/// Whether a write of ours may be running on the rule being read: a rule of ours seen
+/// `Updating` is then our own write in progress, not a stuck one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OurWrites {
+    /// An apply of ours holds the NSG's writer now.
+    InFlight,
+    /// None: our writes wait for their operation to end (or time out, after
+    /// `azure.operationTimeoutSeconds`), so an `Updating` rule of ours has outlived ours.
+    Idle,
+}
+
+/// Maps one ARM rule to a neutral rule. A rule that cannot be expressed as ours (deny,
+/// other protocols, service tags, port `*`) is never ours; it keeps no sources, so it
+/// never stands in for one of ours. A Deny carries what it may match in
+/// [`ObservedRule::deny`]. `None` only for a rule without a name or properties.
+pub(crate) fn observed_rule(
+    cluster: &str,
+    r: &arm::SecurityRule,
+    writes: OurWrites,
+) -> Option<ObservedRule> {
+    let name = r.name.clone()?;
+    let p = r.properties.as_ref()?;
+    let marker = marker::parse(cluster, p.description.as_deref());
+    let protocol = match p.protocol {
+        ArmProtocol::Tcp => Some(Protocol::Tcp),
+        ArmProtocol::Udp => Some(Protocol::Udp),
+        _ => None,
+    };
+    let sources_text = plural(&p.source_address_prefix, &p.source_address_prefixes);
+    let sources: Option<Vec<IpNet>> = sources_text
+        .iter()
+        .map(|s| marker::parse_prefix(s))
+        .collect();
+    let ports_text = plural(&p.destination_port_range, &p.destination_port_ranges);
+    let ports: Option<Vec<PortRange>> = ports_text.iter().map(|s| s.parse().ok()).collect();
+    let dst_text = plural(
+        &p.destination_address_prefix,
+        &p.destination_address_prefixes,
+    );
+    let destination = match (
+        dst_text.as_slice(),
+        p.destination_application_security_groups.as_slice(),
+    ) {
+        ([], [asg]) => asg.resource.id.clone().map(Destination::Asg),
+        (d, []) if !d.is_empty() => d
             .iter()
             .map(|s| marker::parse_prefix(s))
-            .collect();
-        let ports_text = plural(&p.destination_port_range, &p.destination_port_ranges);
-        let ports: Option<Vec<PortRange>> = ports_text.iter().map(|s| s.parse().ok()).collect();
-        let dst_text = plural(
-            &p.destination_address_prefix,
-            &p.destination_address_prefixes,
-        );
-        let destination = match (
-            dst_text.as_slice(),
-            p.destination_application_security_groups.as_slice(),
-        ) {
-            ([], [asg]) => asg.resource.id.clone().map(Destination::Asg),
-            (d, []) if !d.is_empty() => d
-                .iter()
-                .map(|s| marker::parse_prefix(s))
-                .collect::<Option<Vec<_>>>()
-                .map(Destination::Prefixes),
-            _ => None,
-        };
-        let source_port_any = plural(&p.source_port_range, &p.source_port_ranges)
-            .iter()
-            .all(|s| s == "*");
-        let family = sources
+            .collect::<Option<Vec<_>>>()
+            .map(Destination::Prefixes),
+        _ => None,
+    };
+    let source_port_any = plural(&p.source_port_range, &p.source_port_ranges)
+        .iter()
+        .all(|s| s == "*");
+    let family = sources
+        .as_ref()
+        .and_then(|s| s.first())
+        .map_or(IpFamily::V4, IpFamily::of);
+    let deny = denial(p, sources.as_deref(), ports.as_deref());
+    // A foreign Allow whose last operation failed may not be in force as written: it
+    // satisfies nothing (ours then opens the port). Ours in that state is rewritten.
+    let failed = p.provisioning_state == Some(ProvisioningState::Failed);
+    let mappable = p.access == SecurityRuleAccess::Allow
+        && deny.is_none()
+        && source_port_any
+        && protocol.is_some()
+        && p.source_application_security_groups.is_empty()
+        && sources
             .as_ref()
-            .and_then(|s| s.first())
-            .map_or(IpFamily::V4, IpFamily::of);
-        let mappable = p.access == SecurityRuleAccess::Allow
-            && source_port_any
-            && protocol.is_some()
-            && p.source_application_security_groups.is_empty()
-            && sources
-                .as_ref()
-                .is_some_and(|s| !s.is_empty() && s.iter().all(|n| IpFamily::of(n) == family))
-            && ports.as_ref().is_some_and(|p| !p.is_empty())
-            && destination.is_some();
-        // A hashed marker names no Services (and maybe no pools): the planner knows them
-        // by the hash.
-        let (owned, pools, services, digest) = match (&marker, mappable) {
-            (Marker::Inline { pools, services }, true) => {
-                (true, pools.clone(), services.clone(), None)
-            }
-            (Marker::Hashed { pools, hash }, true) => (
-                true,
-                pools.clone().unwrap_or_default(),
-                Default::default(),
-                Some(MarkerDigest {
-                    value: hash.clone(),
-                    pools_listed: pools.is_some(),
-                }),
-            ),
-            _ => (false, Default::default(), Default::default(), None),
-        };
-        let mut ports = ports.unwrap_or_default();
-        ports.sort();
-        let mut sources = if mappable {
-            sources.unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        sources.sort();
-        let rule = Rule {
-            name: Some(name.clone()),
-            content: RuleContent {
-                scope: Some(match &destination {
-                    Some(d) => d.scope(),
-                    None => format!("other:{}", dst_text.join(",")),
-                }),
-                family,
-                protocol: protocol.unwrap_or(Protocol::Tcp),
-                ports,
-                sources,
-            },
-            services,
-            pools,
-        };
-        Some(ObservedRule {
-            priority: u32::try_from(p.priority).ok(),
-            digest,
-            ..ObservedRule::new(Some(name), rule, owned)
-        })
+            .is_some_and(|s| !s.is_empty() && s.iter().all(|n| IpFamily::of(n) == family))
+        && ports.as_ref().is_some_and(|p| !p.is_empty())
+        && destination.is_some();
+    // A hashed marker names no Services (and maybe no pools): the planner knows them
+    // by the hash.
+    let (owned, pools, services, digest) = match (&marker, mappable) {
+        (Marker::Inline { pools, services }, true) => (true, pools.clone(), services.clone(), None),
+        (Marker::Hashed { pools, hash }, true) => (
+            true,
+            pools.clone().unwrap_or_default(),
+            Default::default(),
+            Some(MarkerDigest {
+                value: hash.clone(),
+                pools_listed: pools.is_some(),
+            }),
+        ),
+        _ => (false, Default::default(), Default::default(), None),
+    };
+    let mut ports = ports.unwrap_or_default();
+    ports.sort();
+    let mut sources = if mappable && (owned || !failed) {
+        sources.unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    sources.sort();
+    let needs_rewrite = if owned {
+        rewrite_reason(p.provisioning_state.as_ref(), writes)
+    } else {
+        None
+    };
+    let rule = Rule {
+        name: Some(name.clone()),
+        content: RuleContent {
+            scope: Some(match &destination {
+                Some(d) => d.scope(),
+                None => format!("other:{}", dst_text.join(",")),
+            }),
+            family,
+            protocol: protocol.unwrap_or(Protocol::Tcp),
+            ports,
+            sources,
+        },
+        services,
+        pools,
+    };
+    Some(ObservedRule {
+        priority: u32::try_from(p.priority).ok(),
+        digest,
+        deny,
+        needs_rewrite,
+        ..ObservedRule::new(Some(name), rule, owned)
+    })
+}
+
+/// Why a rule of ours must be written again although its content is as wanted: ARM says
+/// its last operation failed (it may not be in force as written), or it is `Updating`
+/// while no write of ours is running, so past our operation timeout. A PUT of the same
+/// rule restores it.
+fn rewrite_reason(state: Option<&ProvisioningState>, writes: OurWrites) -> Option<String> {
+    match (state, writes) {
+        (Some(ProvisioningState::Failed), _) => Some(
+            "ARM reports provisioningState Failed: its last operation failed; it is written again"
+                .to_string(),
+        ),
+        (Some(ProvisioningState::Updating), OurWrites::Idle) => Some(
+            "ARM reports provisioningState Updating with no write of ours running (past azure.operationTimeoutSeconds); it is written again"
+                .to_string(),
+        ),
+        _ => None,
     }
+}
+
+/// What a rule that is not a plain Allow may block, never narrower than the rule: `None`
+/// for an Allow. Every access but `Allow` is taken as a Deny (an unknown value fails
+/// closed).
+///
+/// - Protocol `*` or one unknown to this client: every protocol. ICMP, ESP and AH rules
+///   match none of the protocols a rule of ours opens (TCP, UDP), so such a Deny is left
+///   out: it cannot shadow anything, and calling it "every protocol" would make every
+///   Allow behind it look shadowed.
+/// - Ports: `*`, or any range that does not parse, is every port. Source ports are
+///   ignored (a Deny limited to some source ports is taken as blocking all).
+/// - Sources: every source when one is `*`, a service tag (`VirtualNetwork`, `Internet`,
+///   `AzureLoadBalancer`, ...), anything else that is not a prefix, when there are none,
+///   or when the rule names source application security groups.
+/// - Scopes: always the whole NSG. A Denial scope matches a pool's scope only when the
+///   strings are equal, but an ARM destination (prefixes, `*`, a service tag, an ASG) that
+///   merely overlaps a pool's destination (one node IP of it, the VNet around a subnet, an
+///   ASG some of its NICs carry) blocks part of that pool's traffic too, and the pools'
+///   destinations are not known when an NSG is read. Only "whole NSG" is never narrower.
+fn denial(
+    p: &SecurityRulePropertiesFormat,
+    sources: Option<&[IpNet]>,
+    ports: Option<&[PortRange]>,
+) -> Option<Denial> {
+    if p.access == SecurityRuleAccess::Allow {
+        return None;
+    }
+    let protocol = match &p.protocol {
+        ArmProtocol::Tcp => Some(Protocol::Tcp),
+        ArmProtocol::Udp => Some(Protocol::Udp),
+        ArmProtocol::Icmp | ArmProtocol::Esp | ArmProtocol::Ah => return None,
+        ArmProtocol::U2a | ArmProtocol::UnknownValue(_) => None,
+    };
+    let mut ports = ports.map(<[PortRange]>::to_vec).unwrap_or_default();
+    ports.sort();
+    let mut sources = match sources {
+        Some(s) if p.source_application_security_groups.is_empty() => s.to_vec(),
+        _ => Vec::new(),
+    };
+    sources.sort();
+    Some(Denial {
+        protocol,
+        ports,
+        sources,
+        scopes: Vec::new(),
+    })
 }
 
 /// The prefixes or port ranges of a rule: ARM returns one in the singular field, several

@@ -4,6 +4,9 @@
 //! consolidation, a full band as a plan error, priority conflicts, 429s, long-running
 //! operations and their timeout, and the rotating workload identity token file.
 //!
+//! The issue-14 cases (Deny rules, busy and failed operations, node-reported addresses,
+//! orphans) are in `arm/adversity.rs`.
+//!
 //! `measure_*` (ignored: it waits on injected latency) prints the figures of the note:
 //! `cargo test -p nodeport-firewall-azure --test arm measure -- --ignored --nocapture`.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
@@ -23,6 +26,9 @@ use nodeport_firewall_provider::model::{
 use nodeport_firewall_provider::{Provider, Rule, Target};
 use serde_json::{Value, json};
 
+#[path = "arm/adversity.rs"]
+mod adversity;
+
 const CLUSTER: &str = "arm-test";
 const POOL_LABEL: &str = "kubernetes.azure.com/agentpool";
 const SUB: &str = "00000000-0000-0000-0000-000000000001";
@@ -35,6 +41,9 @@ fn provider_json(server: &ArmServer, extra: Value) -> Value {
         "pollIntervalMillis": 10,
         "discoverDestination": false,
         "retry": {"baseDelayMillis": 1, "maxDelayMillis": 2000},
+        // Every test NSG lives in RG: orphans are found there even when the config no
+        // longer names their NSG.
+        "orphanScopes": [format!("/subscriptions/{SUB}/resourceGroups/{RG}")],
     });
     if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
         for (k, x) in e {
@@ -184,27 +193,75 @@ impl Harness for ArmHarness {
 
     async fn seed_shadowed_allow(
         &self,
-        _target: &Target,
-        _rule: &Rule,
+        target: &Target,
+        rule: &Rule,
     ) -> nodeport_firewall_provider::Result<Option<String>> {
-        Err(nodeport_firewall_provider::Error::new(
-            nodeport_firewall_provider::ErrorKind::Unsupported,
-            "TODO(issue 14): seed a foreign Deny",
-        ))
+        Ok(Some(seed_shadowed_allow(&self.server, &target.id, rule)))
+    }
+}
+
+/// Inbound priorities in use on an NSG.
+fn used_priorities(server: &ArmServer, nsg: &str) -> BTreeSet<i64> {
+    server
+        .rules(nsg)
+        .iter()
+        .filter(|r| r["properties"]["direction"] == "Inbound")
+        .map(priority)
+        .collect()
+}
+
+/// Writes, as another tool would, an Allow for exactly `rule` at the last free priority of
+/// our default band (3000-3999) and, evaluated before it, a Deny of its protocol and ports
+/// from everywhere to everything, at the first free priority from 3100: inside the band
+/// but above its start, so that a rule of ours at the band's lowest free priority comes
+/// before the Deny. Returns the Deny's name.
+fn seed_shadowed_allow(server: &ArmServer, nsg: &str, rule: &Rule) -> String {
+    let used = used_priorities(server, nsg);
+    let allow_at = (3000..=3999).rev().find(|p| !used.contains(p)).unwrap();
+    let deny_at = (3100..allow_at).find(|p| !used.contains(p)).unwrap();
+    seed_at(
+        server,
+        nsg,
+        None,
+        rule,
+        allow_at,
+        &format!("foreign-allow-{allow_at}"),
+    );
+    let name = format!("foreign-deny-{deny_at}");
+    server.seed_rule(
+        nsg,
+        &name,
+        json!({
+            "protocol": protocol_of(rule),
+            "sourcePortRange": "*", "sourceAddressPrefix": "*", "destinationAddressPrefix": "*",
+            "destinationPortRanges": rule.content.ports.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+            "access": "Deny", "direction": "Inbound", "priority": deny_at,
+            "description": "closed until the change window",
+        }),
+    );
+    name
+}
+
+fn protocol_of(rule: &Rule) -> &'static str {
+    match rule.content.protocol {
+        nodeport_firewall_provider::model::Protocol::Udp => "Udp",
+        _ => "Tcp",
     }
 }
 
 /// Writes `rule` as another tool would, at the lowest free priority of our default band,
 /// so that it sits where we would put ours.
 fn seed(server: &ArmServer, nsg: &str, owner: Option<&str>, rule: &Rule) {
-    let used: BTreeSet<i64> = server.rules(nsg).iter().map(priority).collect();
+    let used = used_priorities(server, nsg);
     let prio = (3000..=3999).find(|p| !used.contains(p)).unwrap();
+    seed_at(server, nsg, owner, rule, prio, &format!("foreign-{prio}"));
+}
+
+/// Writes `rule` as another tool would, at `prio`, named `name`.
+fn seed_at(server: &ArmServer, nsg: &str, owner: Option<&str>, rule: &Rule, prio: i64, name: &str) {
     let c = &rule.content;
     let mut p = json!({
-        "protocol": match c.protocol {
-            nodeport_firewall_provider::model::Protocol::Udp => "Udp",
-            _ => "Tcp",
-        },
+        "protocol": protocol_of(rule),
         "sourcePortRange": "*",
         "sourceAddressPrefixes": c.sources.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
         "destinationPortRanges": c.ports.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
@@ -223,7 +280,7 @@ fn seed(server: &ArmServer, nsg: &str, owner: Option<&str>, rule: &Rule) {
     if let Some(owner) = owner {
         p["description"] = json!(marker::description(owner, &rule.pools, &rule.services));
     }
-    server.seed_rule(nsg, &format!("foreign-{prio}"), p);
+    server.seed_rule(nsg, name, p);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
