@@ -13,7 +13,7 @@ use aws_sdk_ec2::types::{
 };
 use nodeport_firewall_provider::Result;
 
-use crate::{AwsProvider, discovery, error};
+use crate::{AwsProvider, discovery, error, marker};
 
 /// Whether [`AwsProvider::retag`] adds tags or removes them.
 #[derive(Debug, Clone, Copy)]
@@ -120,7 +120,68 @@ impl AwsProvider {
 
     /// DescribeSecurityGroupRules of `group`, every page.
     pub(crate) async fn list_rules(&self, group: &str) -> Result<Vec<SecurityGroupRule>> {
+        self.rules_matching(Filter::builder().name("group-id").values(group).build())
+            .await
+    }
+
+    /// DescribeSecurityGroupRules in the region tagged with this cluster's name, every page:
+    /// where our rules are, whatever pool they were written for.
+    pub(crate) async fn list_cluster_rules(&self) -> Result<Vec<SecurityGroupRule>> {
+        self.rules_matching(
+            Filter::builder()
+                .name(format!("tag:{}", marker::TAG_CLUSTER))
+                .values(&self.cluster)
+                .build(),
+        )
+        .await
+    }
+
+    /// DescribeNetworkInterfaces of the interfaces `group` is attached to, page by page,
+    /// until a page holds one that `outside` says is not the pool's, or the last page: all
+    /// that is needed to refuse a shared group, and one call for a group of its own with
+    /// fewer than 1000 interfaces.
+    pub(crate) async fn interfaces_outside(
+        &self,
+        group: &str,
+        outside: impl Fn(&discovery::Interface) -> bool,
+    ) -> Result<Vec<discovery::Interface>> {
         let filter = Filter::builder().name("group-id").values(group).build();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .call("DescribeNetworkInterfaces", || {
+                    self.client
+                        .describe_network_interfaces()
+                        .filters(filter.clone())
+                        .max_results(1000)
+                        .set_next_token(token.clone())
+                        .send()
+                })
+                .await?;
+            let found: Vec<discovery::Interface> = page
+                .network_interfaces()
+                .iter()
+                .map(|ni| discovery::Interface {
+                    id: ni.network_interface_id().unwrap_or_default().to_string(),
+                    instance: ni
+                        .attachment()
+                        .and_then(|a| a.instance_id())
+                        .map(str::to_string),
+                    description: ni.description().unwrap_or_default().to_string(),
+                })
+                .filter(|i| outside(i))
+                .collect();
+            token = page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_string);
+            if !found.is_empty() || token.is_none() {
+                return Ok(found);
+            }
+        }
+    }
+
+    async fn rules_matching(&self, filter: Filter) -> Result<Vec<SecurityGroupRule>> {
         let mut token: Option<String> = None;
         let mut out = Vec::new();
         loop {

@@ -199,6 +199,60 @@ pub fn choose(
     }
 }
 
+/// A network interface a security group is attached to, as DescribeNetworkInterfaces says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub id: String,
+    /// The instance it is attached to; none for interfaces of AWS services (the EKS
+    /// control plane, load balancers, VPC endpoints) and for detached ones.
+    pub instance: Option<String>,
+    pub description: String,
+}
+
+/// Whether `interface` is outside the pool whose instances are `pool_instances`: anything
+/// not attached to one of them (another pool's nodes, an instance that is no Node, the
+/// EKS control plane, a load balancer). A pool's secondary interfaces are inside.
+pub fn outside_pool(pool_instances: &BTreeSet<String>, interface: &Interface) -> bool {
+    interface
+        .instance
+        .as_ref()
+        .is_none_or(|i| !pool_instances.contains(i))
+}
+
+/// Most interfaces named in a refusal; the rest are counted.
+const LISTED_INTERFACES: usize = 3;
+
+/// The refusal of a discovered group that `outside` (interfaces not of the pool) share:
+/// a rule written for this pool would open the port on all of them too, e.g. on every node
+/// of the cluster through the EKS cluster security group. Pinning the group in the config
+/// says the sharing is meant.
+pub fn shared_group(
+    pool: &PoolName,
+    group: &str,
+    tag_key: &str,
+    info: &BTreeMap<String, GroupInfo>,
+    outside: &[Interface],
+) -> Error {
+    let mut listed: Vec<String> = outside
+        .iter()
+        .take(LISTED_INTERFACES)
+        .map(|i| match (&i.instance, i.description.is_empty()) {
+            (Some(inst), _) => format!("{} (instance {inst}, not a node of pool {pool})", i.id),
+            (None, false) => format!("{} ({:?})", i.id, i.description),
+            (None, true) => format!("{} (no instance)", i.id),
+        })
+        .collect();
+    if outside.len() > LISTED_INTERFACES {
+        listed.push(format!("and {} more", outside.len() - LISTED_INTERFACES));
+    }
+    discovery(format!(
+        "pool {pool}: refusing security group {}: network interfaces outside the pool share it: {}. A rule written for pool {pool} would open the port on them too (the EKS cluster security group, for one, is on every node and on the control plane). Give the pool's nodes a security group of their own, tagged {tag_key}, or pin securityGroupIds in the operator config if the sharing is meant:\n{}",
+        describe(group, info),
+        listed.join(", "),
+        config_lines(pool, &[group]),
+    ))
+}
+
 /// The instance ids of a pool's nodes, sorted; or an error naming the nodes without one.
 pub fn instances(pool: &PoolName, nodes: &[NodeSpec]) -> Result<Vec<(String, String)>, Error> {
     let mut out = Vec::new();
@@ -322,5 +376,45 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("outliers: c (i-c) -> sg-3"), "{e}");
+    }
+
+    #[test]
+    fn interfaces_outside_the_pool_and_the_refusal() {
+        let pool = PoolName::new("web");
+        let own: BTreeSet<String> = ["i-1".to_string(), "i-2".to_string()].into();
+        let iface = |id: &str, instance: Option<&str>, description: &str| Interface {
+            id: id.into(),
+            instance: instance.map(str::to_string),
+            description: description.into(),
+        };
+        for (i, outside) in [
+            (iface("eni-a", Some("i-1"), ""), false),
+            (iface("eni-b", Some("i-2"), "aws-K8S-i-2"), false),
+            (iface("eni-c", Some("i-9"), ""), true),
+            (iface("eni-d", None, "Amazon EKS prod"), true),
+            (iface("eni-e", None, ""), true),
+        ] {
+            assert_eq!(outside_pool(&own, &i), outside, "{i:?}");
+        }
+        let sharers = [
+            iface("eni-c", Some("i-9"), ""),
+            iface("eni-d", None, "Amazon EKS prod"),
+            iface("eni-e", None, ""),
+            iface("eni-f", None, ""),
+            iface("eni-g", None, ""),
+        ];
+        let e = shared_group(&pool, "sg-1", "k", &info(&[], &["sg-1"]), &sharers);
+        assert_eq!(e.kind, ErrorKind::Discovery);
+        for part in [
+            "pool web: refusing security group sg-1 (name-sg-1)",
+            "eni-c (instance i-9, not a node of pool web)",
+            "eni-d (\"Amazon EKS prod\")",
+            "eni-e (no instance), and 2 more",
+            "pin securityGroupIds",
+            "pools:\n  web:\n    aws:\n      securityGroupIds: [sg-1]",
+        ] {
+            assert!(e.message.contains(part), "{part:?} in {e}");
+        }
+        assert!(!e.message.contains("eni-f"), "{e}");
     }
 }

@@ -15,13 +15,15 @@ mod client;
 pub mod config;
 pub mod discovery;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod marker;
 mod preflight;
 mod resolve;
 pub mod stats;
 mod wire;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -30,7 +32,7 @@ use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use nodeport_firewall_model::{
-    Limits, Observation, PoolTarget, Render, ShapeRenderer, Target, TargetPlan,
+    Config, Limits, Observation, PoolTarget, Render, ShapeRenderer, Target, TargetPlan,
 };
 use nodeport_firewall_provider::{
     ApplyFailure, ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy,
@@ -209,6 +211,22 @@ impl Provider for AwsProvider {
             .map(|r| self.to_observed(r))
             .collect();
         Ok(Observation::new(rules, self.limits()))
+    }
+
+    /// The security groups holding rules of ours, from one `DescribeSecurityGroupRules`
+    /// filtered by our cluster tag (paginated) in the region: each rule must be ours by tags
+    /// and description, as in [`Provider::observe`]. The config is not needed: a pool that
+    /// is gone from it, or whose `securityGroupIds` changed, is found just the same.
+    async fn owned_targets(&self, _config: &Config) -> Result<Vec<Target>> {
+        let groups: BTreeSet<String> = self
+            .list_cluster_rules()
+            .await?
+            .iter()
+            .filter(|r| r.is_egress() != Some(true))
+            .filter(|r| self.to_observed(r).owned)
+            .filter_map(|r| r.group_id().map(str::to_string))
+            .collect();
+        Ok(groups.iter().map(|g| Target::new(NAME, g)).collect())
     }
 
     async fn preflight(&self, target: &Target) -> Result<Vec<String>> {

@@ -108,6 +108,12 @@ fn list_from_tags<'a>(
         .collect()
 }
 
+/// How the description of every rule of `cluster` begins, as [`marker`] writes it (the
+/// cluster name sanitized the same way).
+fn description_head(cluster: &str) -> String {
+    sanitize_description(&format!("{DESCRIPTION_PREFIX}{cluster}{SERVICES_PART}"))
+}
+
 /// The marker of a rule serving `services`.
 pub fn marker(cluster: &str, services: &ServiceSet) -> Marker {
     let list: Vec<String> = services.iter().map(ToString::to_string).collect();
@@ -153,8 +159,17 @@ pub fn parse<'a>(
             .find(|(k, _)| *k == key)
             .map(|(_, v)| v)
     };
-    let owned = get(TAG_MANAGED_BY) == Some(MANAGED_BY) && get(TAG_CLUSTER) == Some(cluster);
-    if !owned {
+    // Both the tags and the description. Many roles may `ec2:CreateTags` on any rule, so
+    // tags alone can be copied onto a foreign rule (say a bastion's SSH rule) to have us
+    // revoke it. The description is changed only with `ModifySecurityGroupRules` or
+    // `UpdateSecurityGroupRuleDescriptionsIngress` on the rule's group, and whoever holds
+    // those can change the rule itself anyway: they gain nothing by making us remove it.
+    let tagged = get(TAG_MANAGED_BY) == Some(MANAGED_BY) && get(TAG_CLUSTER) == Some(cluster);
+    let head = description_head(cluster);
+    let Some(listed) = description.and_then(|d| d.strip_prefix(head.as_str())) else {
+        return Parsed::default();
+    };
+    if !tagged {
         return Parsed::default();
     }
     let from_tags = list_from_tags(tags.clone(), TAG_SERVICES);
@@ -165,15 +180,11 @@ pub fn parse<'a>(
     {
         from_tags
     } else {
-        description
-            .and_then(|d| d.split_once(SERVICES_PART))
-            .map(|(_, list)| {
-                list.split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default()
+        listed
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
     };
     let services = service_names
         .iter()
@@ -189,7 +200,7 @@ pub fn parse<'a>(
         .map(|(k, _)| k.to_string())
         .collect();
     Parsed {
-        owned,
+        owned: true,
         services,
         pools,
         list_tag_keys,
@@ -252,6 +263,64 @@ mod tests {
             )
             .owned
         );
+    }
+
+    /// Our tags copied onto a foreign rule do not make it ours: the description must carry
+    /// our marker for this cluster too.
+    #[test]
+    fn tags_alone_do_not_make_a_rule_ours() {
+        let tags = common_tags("c1", &[PoolName::new("a")].into());
+        for (description, owned) in [
+            (Some("nodeport-firewall cluster=c1 services=apps/web"), true),
+            (
+                Some("nodeport-firewall cluster=c1 services=[12 in tags]"),
+                true,
+            ),
+            (Some("nodeport-firewall cluster=c1 services="), true),
+            (None, false),
+            (Some(""), false),
+            (Some("SSH from the bastion"), false),
+            (
+                Some("nodeport-firewall cluster=c2 services=apps/web"),
+                false,
+            ),
+            (
+                Some("nodeport-firewall cluster=c10 services=apps/web"),
+                false,
+            ),
+            (Some("nodeport-firewall cluster=c1"), false),
+            (
+                Some(" nodeport-firewall cluster=c1 services=apps/web"),
+                false,
+            ),
+            (
+                Some("bastion nodeport-firewall cluster=c1 services=apps/web"),
+                false,
+            ),
+        ] {
+            let p = parse("c1", as_pairs(&tags), description);
+            assert_eq!(p.owned, owned, "{description:?}");
+            if !owned {
+                assert_eq!(p, Parsed::default(), "{description:?}");
+            }
+        }
+    }
+
+    /// Cluster names that the description cannot hold as they are (characters EC2 refuses,
+    /// more than 255 characters) still round-trip: the description is compared as written.
+    #[test]
+    fn awkward_cluster_names_round_trip() {
+        let services = svcs(2, "default");
+        for cluster in ["prod eu", "café", &"c".repeat(300), "a\"b"] {
+            let tags = common_tags(cluster, &PoolSet::default());
+            let mut all = tags.clone();
+            let m = marker(cluster, &services);
+            all.extend(m.service_tags.clone());
+            assert!(m.description.chars().all(allowed), "{cluster}");
+            let p = parse(cluster, as_pairs(&all), Some(&m.description));
+            assert!(p.owned, "{cluster}: {}", m.description);
+            assert_eq!(p.services, services, "{cluster}");
+        }
     }
 
     #[test]

@@ -66,6 +66,17 @@ impl AwsProvider {
             .map(drop);
         verdict("DescribeInstances", r, &mut missing);
         let r = self
+            .call("DryRun:DescribeNetworkInterfaces", || {
+                self.client
+                    .describe_network_interfaces()
+                    .filters(filter.clone())
+                    .dry_run(true)
+                    .send()
+            })
+            .await
+            .map(drop);
+        verdict("DescribeNetworkInterfaces", r, &mut missing);
+        let r = self
             .call("DryRun:DescribeSecurityGroups", || {
                 self.client
                     .describe_security_groups()

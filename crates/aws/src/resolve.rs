@@ -1,7 +1,9 @@
 //! Resolving a pool to its targets on AWS: the security groups from the pool's override,
 //! else discovered from the pool's instances (the groups of their primary interfaces, with
 //! names and cluster tags when there is a choice to make). The choice itself is the pure
-//! [`discovery::choose`]; this module reads its inputs and caches its answers.
+//! [`discovery::choose`]; this module reads its inputs and caches its answers. A discovered
+//! group that network interfaces outside the pool share is refused
+//! ([`discovery::shared_group`]); a pinned one is taken as it is.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -103,6 +105,28 @@ impl AwsProvider {
             BTreeMap::new()
         };
         let groups = discovery::choose(pool.name, &self.tag_key, &node_groups, &info)?;
+        let pool_instances: BTreeSet<String> = ids.iter().cloned().collect();
+        for group in &groups {
+            let outside = self
+                .interfaces_outside(group, |i| discovery::outside_pool(&pool_instances, i))
+                .await
+                .map_err(|e| {
+                    let message = format!(
+                        "pool {}: cannot read which network interfaces share {group}: {} (ec2:DescribeNetworkInterfaces is needed, docs/aws.md)",
+                        pool.name, e.message
+                    );
+                    e.into_discovery(message)
+                })?;
+            if !outside.is_empty() {
+                return Err(discovery::shared_group(
+                    pool.name,
+                    group,
+                    &self.tag_key,
+                    &info,
+                    &outside,
+                ));
+            }
+        }
         if let Ok(mut cache) = self.resolutions.lock() {
             cache.retain(|(p, _), _| p != pool.name.as_str());
             cache.insert(key, (Instant::now(), groups.clone()));

@@ -34,74 +34,80 @@ impl Written {
 }
 
 impl AwsProvider {
-    /// Maps one EC2 rule to a neutral rule. Rules that are not a single CIDR with TCP, UDP
-    /// or SCTP are never ours; they are kept, with no sources, for the quota count.
+    /// Maps one EC2 rule to a neutral rule: [`observed`] for this provider's cluster.
     pub(crate) fn to_observed(&self, r: &SecurityGroupRule) -> ObservedRule {
-        let protocol = match r.ip_protocol().unwrap_or_default() {
-            "tcp" | "6" => Some(Protocol::Tcp),
-            "udp" | "17" => Some(Protocol::Udp),
-            "sctp" | "132" => Some(Protocol::Sctp),
-            _ => None,
-        };
-        let cidr = r
-            .cidr_ipv4()
-            .or(r.cidr_ipv6())
-            .and_then(|c| c.parse::<IpNet>().ok())
-            .map(|n| n.trunc());
-        let port = |p: Option<i32>, default: u16| {
-            p.filter(|p| *p >= 0)
-                .and_then(|p| u16::try_from(p).ok())
-                .unwrap_or(default)
-        };
-        let ports = PortRange {
-            from: port(r.from_port(), 0),
-            to: port(r.to_port(), u16::MAX),
-        };
-        let tags: Vec<(&str, &str)> = r
-            .tags()
-            .iter()
-            .filter_map(|t| Some((t.key()?, t.value().unwrap_or_default())))
-            .collect();
-        let parsed = marker::parse(&self.cluster, tags.iter().copied(), r.description());
-        let mappable = protocol.is_some() && cidr.is_some() && ports.from <= ports.to;
-        let owned = parsed.owned && mappable;
-        let rule = Rule {
-            name: None,
-            content: RuleContent {
-                scope: None,
-                family: cidr.as_ref().map_or(IpFamily::V4, IpFamily::of),
-                protocol: protocol.unwrap_or(Protocol::Tcp),
-                ports: vec![ports],
-                sources: if mappable {
-                    cidr.into_iter().collect()
-                } else {
-                    Vec::new()
-                },
-            },
-            services: if owned {
-                parsed.services
+        observed(&self.cluster, r)
+    }
+}
+
+/// Maps one EC2 rule to a neutral rule, ours when its marker names `cluster`. Rules that are
+/// not a single CIDR with TCP, UDP or SCTP are never ours; they are kept, with no sources,
+/// for the quota count. Whatever the cloud sends, this never panics (see `fuzz`).
+pub(crate) fn observed(cluster: &str, r: &SecurityGroupRule) -> ObservedRule {
+    let protocol = match r.ip_protocol().unwrap_or_default() {
+        "tcp" | "6" => Some(Protocol::Tcp),
+        "udp" | "17" => Some(Protocol::Udp),
+        "sctp" | "132" => Some(Protocol::Sctp),
+        _ => None,
+    };
+    let cidr = r
+        .cidr_ipv4()
+        .or(r.cidr_ipv6())
+        .and_then(|c| c.parse::<IpNet>().ok())
+        .map(|n| n.trunc());
+    let port = |p: Option<i32>, default: u16| {
+        p.filter(|p| *p >= 0)
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(default)
+    };
+    let ports = PortRange {
+        from: port(r.from_port(), 0),
+        to: port(r.to_port(), u16::MAX),
+    };
+    let tags: Vec<(&str, &str)> = r
+        .tags()
+        .iter()
+        .filter_map(|t| Some((t.key()?, t.value().unwrap_or_default())))
+        .collect();
+    let parsed = marker::parse(cluster, tags.iter().copied(), r.description());
+    let mappable = protocol.is_some() && cidr.is_some() && ports.from <= ports.to;
+    let owned = parsed.owned && mappable;
+    let rule = Rule {
+        name: None,
+        content: RuleContent {
+            scope: None,
+            family: cidr.as_ref().map_or(IpFamily::V4, IpFamily::of),
+            protocol: protocol.unwrap_or(Protocol::Tcp),
+            ports: vec![ports],
+            sources: if mappable {
+                cidr.into_iter().collect()
             } else {
-                Default::default()
+                Vec::new()
             },
-            pools: if owned {
-                parsed.pools
-            } else {
-                Default::default()
-            },
-        };
-        let payload = owned
-            .then(|| {
-                serde_json::to_value(Written {
-                    tag_keys: parsed.list_tag_keys,
-                    description: r.description().map(str::to_string),
-                })
-                .ok()
+        },
+        services: if owned {
+            parsed.services
+        } else {
+            Default::default()
+        },
+        pools: if owned {
+            parsed.pools
+        } else {
+            Default::default()
+        },
+    };
+    let payload = owned
+        .then(|| {
+            serde_json::to_value(Written {
+                tag_keys: parsed.list_tag_keys,
+                description: r.description().map(str::to_string),
             })
-            .flatten();
-        ObservedRule {
-            payload,
-            ..ObservedRule::new(r.security_group_rule_id().map(str::to_string), rule, owned)
-        }
+            .ok()
+        })
+        .flatten();
+    ObservedRule {
+        payload,
+        ..ObservedRule::new(r.security_group_rule_id().map(str::to_string), rule, owned)
     }
 }
 
