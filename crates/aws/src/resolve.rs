@@ -3,7 +3,9 @@
 //! names and cluster tags when there is a choice to make). The choice itself is the pure
 //! [`discovery::choose`]; this module reads its inputs and caches its answers. A discovered
 //! group that network interfaces outside the pool share is refused
-//! ([`discovery::shared_group`]); a pinned one is taken as it is.
+//! ([`discovery::shared_group`]); a pinned one is taken as it is. A pool with several groups
+//! (pinned, or tagged `<poolGroupTagKey>=<pool>`) has its rules spread over them
+//! (`PoolTarget::spread`): each rule on one group, not on every one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -27,6 +29,9 @@ impl AwsProvider {
     /// The security groups of `pool`.
     pub(crate) async fn resolve_pool(&self, pool: PoolView<'_>) -> Result<Vec<PoolTarget>> {
         let over: AwsPoolConfig = pool.override_config(NAME)?;
+        // Several groups share the pool's rules, each rule on one of them, filled in this
+        // order: every node carries them all, so a rule on any is in force on each node.
+        let spread = |groups: &[String]| (groups.len() > 1).then(|| pool.name.to_string());
         let to_targets = |groups: &[String]| {
             groups
                 .iter()
@@ -34,6 +39,7 @@ impl AwsProvider {
                     target: Target::new(NAME, g),
                     scope: None,
                     payload: None,
+                    spread: spread(groups),
                 })
                 .collect::<Vec<_>>()
         };
@@ -48,8 +54,9 @@ impl AwsProvider {
                     ),
                 ));
             }
-            ids.sort();
-            ids.dedup();
+            // The config's order is the order they fill in; a repeated id counts once.
+            let mut seen = BTreeSet::new();
+            ids.retain(|g| seen.insert(g.clone()));
             return Ok(to_targets(&ids));
         }
         let nodes = discovery::instances(pool.name, pool.nodes)?;

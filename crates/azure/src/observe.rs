@@ -112,6 +112,7 @@ pub(crate) fn observation(
         rules,
         reserved_names,
         reserved_priorities,
+        warnings: Vec::new(),
         limits: Limits {
             max_rules: Some(max_rules),
             rules_counted_per_family: false,

@@ -138,6 +138,7 @@ impl AzureProvider {
             target: Target::new(NAME, &nsg.id()),
             scope: Some(destination.scope()),
             payload: None,
+            spread: None,
         }])
     }
 

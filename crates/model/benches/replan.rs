@@ -18,6 +18,70 @@ const SERVICES: usize = 10_000;
 const POOLS: usize = 20;
 const NODES: usize = 1_000;
 const ALLOWLISTS: usize = 50;
+/// Targets per pool in the spread variant: a pool over this many security groups.
+const GROUPS: usize = 5;
+
+type Observations = BTreeMap<Target, Result<Observation, nodeport_firewall_model::Failure>>;
+
+/// Each pool on `groups` targets (spread when more than one), and a cloud that already
+/// holds exactly the desired rules.
+fn steady(
+    d: &nodeport_firewall_model::Desired,
+    limits: &Limits,
+    renderer: &ShapeRenderer,
+    groups: usize,
+) -> (BTreeMap<PoolName, PoolResolution>, Observations) {
+    let resolutions: BTreeMap<PoolName, PoolResolution> = (0..POOLS)
+        .map(|i| {
+            let pool = PoolName::new(format!("pool-{i}"));
+            let targets = (0..groups)
+                .map(|g| PoolTarget {
+                    spread: (groups > 1).then(|| pool.to_string()),
+                    ..PoolTarget::new(Target::new("memory", &format!("sg-{i}-{g}")), None)
+                })
+                .collect();
+            (pool, Ok(targets))
+        })
+        .collect();
+    let empty: Observations = resolutions
+        .values()
+        .flatten()
+        .flatten()
+        .map(|pt| {
+            (
+                pt.target.clone(),
+                Ok(Observation::new(vec![], limits.clone())),
+            )
+        })
+        .collect();
+    let first = plan(d, "memory", &resolutions, &empty, renderer);
+    let observed: Observations = first
+        .targets
+        .iter()
+        .map(|t| {
+            let rules = t
+                .of(Action::Add)
+                .enumerate()
+                .map(|(i, c)| ObservedRule::new(Some(format!("r-{i}")), c.rule.clone(), true))
+                .collect();
+            (
+                t.target.clone(),
+                Ok(Observation::new(rules, limits.clone())),
+            )
+        })
+        .collect();
+    let rules: usize = first.targets.iter().map(|t| t.count(Action::Add)).sum();
+    let again = plan(d, "memory", &resolutions, &observed, renderer);
+    assert!(
+        !again.has_changes() && !again.has_errors(),
+        "steady state must plan no changes"
+    );
+    eprintln!(
+        "replan: {SERVICES} services, {POOLS} pools x {groups} target(s), {NODES} nodes, {rules} rules on {} targets",
+        first.targets.len()
+    );
+    (resolutions, observed)
+}
 
 fn cluster() -> (Vec<ServiceSpec>, Vec<NodeSpec>) {
     let nodes = (0..NODES)
@@ -70,59 +134,31 @@ fn bench(c: &mut Criterion) {
     };
     let renderer =
         ShapeRenderer::named(|p: &NameParts<'_>| format!("npf-bench-{}", p.short_hash()));
-    let resolutions: BTreeMap<PoolName, PoolResolution> = (0..POOLS)
-        .map(|i| {
-            let pool = PoolName::new(format!("pool-{i}"));
-            let target = Target::new("memory", &format!("sg-{i}"));
-            (pool, Ok(vec![PoolTarget::new(target, None)]))
-        })
-        .collect();
-
-    // The cloud already holds exactly the desired rules.
     let d = desired(&config, &services, &nodes);
-    let empty: BTreeMap<Target, Result<Observation, nodeport_firewall_model::Failure>> =
-        resolutions
-            .values()
-            .flatten()
-            .flatten()
-            .map(|pt| {
-                (
-                    pt.target.clone(),
-                    Ok(Observation::new(vec![], limits.clone())),
-                )
-            })
-            .collect();
-    let first = plan(&d, "memory", &resolutions, &empty, &renderer);
-    let observed: BTreeMap<Target, Result<Observation, nodeport_firewall_model::Failure>> = first
-        .targets
-        .iter()
-        .map(|t| {
-            let rules = t
-                .of(Action::Add)
-                .enumerate()
-                .map(|(i, c)| ObservedRule::new(Some(format!("r-{i}")), c.rule.clone(), true))
-                .collect();
-            (
-                t.target.clone(),
-                Ok(Observation::new(rules, limits.clone())),
-            )
-        })
-        .collect();
-    let rules: usize = first.targets.iter().map(|t| t.count(Action::Add)).sum();
-    let steady = plan(&d, "memory", &resolutions, &observed, &renderer);
-    assert!(
-        !steady.has_changes() && !steady.has_errors(),
-        "steady state must plan no changes"
-    );
-    eprintln!(
-        "replan: {SERVICES} services, {POOLS} pools, {NODES} nodes, {rules} rules on {} targets",
-        first.targets.len()
-    );
+    let (resolutions, observed) = steady(&d, &limits, &renderer, 1);
+    // Groups of 60 rules, EC2's default quota: a pool's rules fill several of them.
+    let sixty = Limits {
+        max_rules: Some(60),
+        ..limits.clone()
+    };
+    let (spread_resolutions, spread_observed) = steady(&d, &sixty, &renderer, GROUPS);
 
     c.bench_function("full re-plan (desired + diff), steady state", |b| {
         b.iter(|| {
             let d = desired(black_box(&config), black_box(&services), black_box(&nodes));
             black_box(plan(&d, "memory", &resolutions, &observed, &renderer))
+        })
+    });
+    c.bench_function("full re-plan, 5 security groups per pool (spread)", |b| {
+        b.iter(|| {
+            let d = desired(black_box(&config), black_box(&services), black_box(&nodes));
+            black_box(plan(
+                &d,
+                "memory",
+                &spread_resolutions,
+                &spread_observed,
+                &renderer,
+            ))
         })
     });
     c.bench_function("desired state only", |b| {

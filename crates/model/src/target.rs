@@ -43,6 +43,12 @@ pub struct PoolTarget {
     /// which hands it to the provider in the target's plan ([`crate::TargetPlan::resolved`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<String>,
+    /// Set when the pool's rules are spread over several targets instead of written to
+    /// each (AWS: a pool whose nodes carry several security groups that the operator
+    /// fills): the targets with the same `spread` share the rules, each rule on exactly one
+    /// of them, in the order the targets are listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<String>,
 }
 
 impl PoolTarget {
@@ -52,6 +58,7 @@ impl PoolTarget {
             target,
             scope,
             payload: None,
+            spread: None,
         }
     }
 }
@@ -204,4 +211,9 @@ pub struct Observation {
     /// Priorities held by rules the planner does not see. A new rule never takes one.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub reserved_priorities: BTreeSet<u32>,
+    /// What the provider wants the plan to say about the target while still planning it
+    /// (AWS: the rule quota could not be read, so the configured one is used). Each
+    /// distinct message becomes one plan warning.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }

@@ -53,6 +53,10 @@ impl Default for MemoryConfig {
 struct MemoryPoolConfig {
     /// The target the pool's rules go to. Default: a target named after the pool.
     target: Option<String>,
+    /// Several targets the pool's rules are spread over, each rule on one of them (as on
+    /// AWS security groups that all the pool's nodes carry). Instead of `target`.
+    #[serde(default)]
+    targets: Vec<String>,
     /// Where inside the target the pool's rules apply.
     scope: Option<String>,
 }
@@ -229,12 +233,27 @@ impl Provider for MemoryProvider {
     async fn resolve(&self, pool: PoolView<'_>) -> Result<Vec<PoolTarget>> {
         self.calls.resolves.fetch_add(1, Ordering::Relaxed);
         let over: MemoryPoolConfig = pool.override_config(NAME)?;
+        if !over.targets.is_empty() {
+            if over.target.is_some() {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "pools.{}.memory: give target or targets, not both",
+                        pool.name
+                    ),
+                ));
+            }
+            return Ok(over
+                .targets
+                .iter()
+                .map(|id| PoolTarget {
+                    spread: Some(pool.name.to_string()),
+                    ..PoolTarget::new(Target::new(NAME, id), over.scope.clone())
+                })
+                .collect());
+        }
         let id = over.target.unwrap_or_else(|| pool.name.to_string());
-        Ok(vec![PoolTarget {
-            target: Target::new(NAME, &id),
-            scope: over.scope,
-            payload: None,
-        }])
+        Ok(vec![PoolTarget::new(Target::new(NAME, &id), over.scope)])
     }
 
     async fn observe(&self, target: &Target) -> Result<Observation> {

@@ -52,7 +52,7 @@ pub(super) struct Inputs<'a> {
 
 impl Inputs<'_> {
     /// Why an observed rule of ours must be kept as it is, if it must.
-    fn pin_reason(&self, r: &ObservedRule) -> Option<String> {
+    pub(super) fn pin_reason(&self, r: &ObservedRule) -> Option<String> {
         let pinned = &self.desired.pinned;
         if let Some(s) = r.rule.services.iter().find(|s| pinned.contains(*s)) {
             return Some(format!("kept: {s} has invalid annotations"));

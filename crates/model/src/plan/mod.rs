@@ -5,6 +5,7 @@
 //! wanted rule is, and what is kept, added or removed), [`quota`] (the target's limits
 //! after the plan) and [`ordering`] (notes, order, priorities).
 
+mod error;
 mod matching;
 mod ordering;
 mod quota;
@@ -13,7 +14,6 @@ mod spread;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use std::fmt;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -28,6 +28,7 @@ use crate::set::PoolSet;
 pub use crate::target::{
     Observation, ObservationResult, ObservedRule, PoolResolution, PoolTarget, Target,
 };
+pub use error::PlanError;
 
 /// The version of the JSON plan schema (docs/plan-format.md).
 pub const PLAN_FORMAT_VERSION: u32 = 1;
@@ -76,181 +77,6 @@ pub struct Change {
     /// carried to the executor unread by the planner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<serde_json::Value>,
-}
-
-/// Why a target's plan cannot be applied. Reported before any write.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", tag = "kind")]
-pub enum PlanError {
-    /// More rules than the target allows.
-    RuleQuota {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        family: Option<IpFamily>,
-        ours: usize,
-        foreign: usize,
-        limit: usize,
-        /// Why the limit is what it is, when not simply the cloud's quota.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        reason: Option<String>,
-    },
-    /// More source prefixes than the target allows in total.
-    SourceQuota {
-        ours: usize,
-        foreign: usize,
-        limit: usize,
-    },
-    /// More destination prefixes than the target allows in total (Azure NSG).
-    DestinationQuota {
-        ours: usize,
-        foreign: usize,
-        limit: usize,
-    },
-    /// A rendered rule breaks a per-rule limit (a renderer bug, caught before the cloud does).
-    RuleShape { message: String },
-    /// The provider could not read the target.
-    Observe {
-        message: String,
-        /// The failure's kind (`permission_denied`, `throttled`, ...).
-        #[serde(default)]
-        error_kind: ErrorKind,
-    },
-    /// Not enough free priorities in the range our rules may take (Azure's priority band).
-    Priorities {
-        adds: usize,
-        free: usize,
-        from: u32,
-        to: u32,
-    },
-    /// The rules of a pool spread over several targets do not fit on them all.
-    Capacity {
-        /// The family counted, where the quota counts each apart.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        family: Option<IpFamily>,
-        /// Rules of ours wanted on the group (in `family`).
-        wanted: usize,
-        /// How many of them have no room.
-        short: usize,
-        /// The targets of the group.
-        targets: usize,
-        /// The rule quota of each.
-        per_target: usize,
-    },
-    /// A rule of ours would be evaluated after a Deny that covers part of its traffic, and
-    /// no priority our rules may take comes before it: the rule would not let it through.
-    Shadowed {
-        /// The rule of ours, by its name or its ports and sources.
-        rule: String,
-        /// The Deny, by its name or id.
-        deny: String,
-        /// The Deny's priority.
-        priority: u32,
-        /// The best priority our rule could have.
-        best: u32,
-    },
-}
-
-impl PlanError {
-    /// A target that could not be read, keeping the failure's kind.
-    pub fn observe(failure: &Failure) -> Self {
-        PlanError::Observe {
-            message: failure.to_string(),
-            error_kind: failure.kind,
-        }
-    }
-
-    /// The kind of failure behind this error: a quota for the quota errors, the read's
-    /// failure for `Observe`, invalid for a rule the renderer got wrong.
-    pub fn kind(&self) -> ErrorKind {
-        match self {
-            PlanError::RuleQuota { .. }
-            | PlanError::SourceQuota { .. }
-            | PlanError::DestinationQuota { .. }
-            | PlanError::Priorities { .. } => ErrorKind::QuotaExceeded,
-            PlanError::Shadowed { .. } => ErrorKind::Config,
-            PlanError::Capacity { .. } => ErrorKind::QuotaExceeded,
-            PlanError::RuleShape { .. } => ErrorKind::Invalid,
-            PlanError::Observe { error_kind, .. } => *error_kind,
-        }
-    }
-}
-
-impl fmt::Display for PlanError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PlanError::RuleQuota {
-                family,
-                ours,
-                foreign,
-                limit,
-                reason,
-            } => {
-                let fam = family.map(|f| format!(" {f}")).unwrap_or_default();
-                write!(
-                    f,
-                    "rule quota exceeded: {ours} rules of ours + {foreign} of others = {}{fam} rules, limit {limit}",
-                    ours + foreign
-                )?;
-                match reason {
-                    Some(r) => write!(f, " ({r})"),
-                    None => Ok(()),
-                }
-            }
-            PlanError::SourceQuota {
-                ours,
-                foreign,
-                limit,
-            } => write!(
-                f,
-                "source prefix quota exceeded: {ours} of ours + {foreign} of others = {}, limit {limit}",
-                ours + foreign
-            ),
-            PlanError::DestinationQuota {
-                ours,
-                foreign,
-                limit,
-            } => write!(
-                f,
-                "destination prefix quota exceeded: {ours} of ours + {foreign} of others = {}, limit {limit}",
-                ours + foreign
-            ),
-            PlanError::RuleShape { message } => write!(f, "invalid rule: {message}"),
-            PlanError::Observe { message, .. } => write!(f, "cannot read target: {message}"),
-            PlanError::Priorities {
-                adds,
-                free,
-                from,
-                to,
-            } => write!(
-                f,
-                "{adds} new rules need a priority, but only {free} of {from}-{to} are free"
-            ),
-            PlanError::Capacity {
-                family,
-                wanted,
-                short,
-                targets,
-                per_target,
-            } => {
-                let family = family.map(|f| format!(" {f}")).unwrap_or_default();
-                let per = (*per_target).max(1);
-                let more = short.div_ceil(per);
-                let quota = per_target + short.div_ceil((*targets).max(1));
-                write!(
-                    f,
-                    "{wanted}{family} rules of ours do not fit on the {targets} targets the pool's rules are spread over ({per_target} rules each, others' included): {short} have no room; {more} more targets with the same quota, or a quota of {quota} per target, would fit them"
-                )
-            }
-            PlanError::Shadowed {
-                rule,
-                deny,
-                priority,
-                best,
-            } => write!(
-                f,
-                "rule {rule} would be shadowed by the Deny rule {deny} at priority {priority}: the best priority ours can take is {best}; move the Deny or give nodeport-firewall a priority before it"
-            ),
-        }
-    }
 }
 
 /// Rule counts on a target once the plan is applied.
@@ -448,9 +274,15 @@ pub fn plan(
         layout.entry(target).or_default();
     }
 
-    // Targets are independent: plan them on all cores. Still pure: no I/O, and the
-    // result does not depend on the number of threads.
-    let jobs: Vec<(&Target, ScopePools<'_>)> = layout.into_iter().collect();
+    // Targets that share a pool's rules (spread) are planned together; the others are
+    // independent: plan them on all cores. Still pure: no I/O, and the result does not
+    // depend on the number of threads.
+    let groups = spread::groups(resolutions);
+    let grouped: BTreeSet<&Target> = groups.iter().flatten().copied().collect();
+    type Jobs<'a> = Vec<(&'a Target, ScopePools<'a>)>;
+    let (together, jobs): (Jobs<'_>, Jobs<'_>) =
+        layout.into_iter().partition(|(t, _)| grouped.contains(t));
+    let together: BTreeMap<&Target, ScopePools<'_>> = together.into_iter().collect();
     let one = |(target, scopes): &(&Target, ScopePools<'_>)| {
         plan_one(
             desired,
@@ -462,6 +294,16 @@ pub fn plan(
         )
     };
     let mut targets: Vec<TargetPlan> = crate::parallel::par_map(&jobs, 1, one);
+    for members in &groups {
+        targets.extend(spread::plan_group(
+            desired,
+            members,
+            &together,
+            observations,
+            renderer,
+            &failed_pools,
+        ));
+    }
     targets.sort_by(|a, b| a.target.cmp(&b.target));
     // What resolving learned about each target goes with its plan, for the provider.
     for tp in &mut targets {
@@ -535,7 +377,7 @@ pub fn plan(
 }
 
 /// The pools of one target, by the scope their rules apply to inside it.
-type ScopePools<'a> = BTreeMap<Option<&'a str>, BTreeSet<PoolName>>;
+pub(super) type ScopePools<'a> = BTreeMap<Option<&'a str>, BTreeSet<PoolName>>;
 
 /// Renders and diffs one target.
 fn plan_one(
@@ -555,6 +397,26 @@ fn plan_one(
             return errored(target, pools, PlanError::observe(&failure));
         }
     };
+    let want = render_want(desired, target, scopes, observation, renderer);
+    plan_target(
+        target,
+        pools,
+        want,
+        observation,
+        desired,
+        failed_pools,
+        renderer,
+    )
+}
+
+/// The rules the pools of a target want there, rendered under its limits.
+pub(super) fn render_want(
+    desired: &Desired,
+    target: &Target,
+    scopes: &ScopePools<'_>,
+    observation: &Observation,
+    renderer: &dyn Render,
+) -> Vec<Rule> {
     let mut want = Vec::new();
     for (scope, scope_pools) in scopes {
         let pool_set: PoolSet = scope_pools.iter().cloned().collect();
@@ -582,18 +444,10 @@ fn plan_one(
         };
         want.extend(renderer.render(&ctx, &grants));
     }
-    plan_target(
-        target,
-        pools,
-        want,
-        observation,
-        desired,
-        failed_pools,
-        renderer,
-    )
+    want
 }
 
-fn errored(target: &Target, pools: BTreeSet<PoolName>, error: PlanError) -> TargetPlan {
+pub(super) fn errored(target: &Target, pools: BTreeSet<PoolName>, error: PlanError) -> TargetPlan {
     TargetPlan {
         target: target.clone(),
         pools,

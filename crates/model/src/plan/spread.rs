@@ -7,14 +7,152 @@
 //! with room, in the targets' order; rules sharing a source set so stay together. When the
 //! targets are full the group is refused as a whole, with what would fit it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
 
-use super::PlanError;
+use super::{
+    PlanError, ScopePools, TargetPlan, errored, matching, plan_target, render_want, shadow,
+};
+use crate::desired::Desired;
+use crate::failure::{ErrorKind, Failure};
 use crate::net::IpFamily;
+use crate::node::PoolName;
+use crate::render::Render;
 use crate::rule::{Limits, Rule};
-use crate::target::{Observation, ObservedRule};
+use crate::target::{Observation, ObservationResult, ObservedRule, PoolResolution, Target};
+
+/// The spread groups: the targets of each pool's spread, in the pool's order, groups that
+/// share a target merged (their rules then share all of them).
+pub(super) fn groups(resolutions: &BTreeMap<PoolName, PoolResolution>) -> Vec<Vec<&Target>> {
+    let mut groups: Vec<Vec<&Target>> = Vec::new();
+    for targets in resolutions.values().flatten() {
+        let mut by_key: BTreeMap<&str, Vec<&Target>> = BTreeMap::new();
+        for pt in targets {
+            if let Some(key) = pt.spread.as_deref() {
+                let g = by_key.entry(key).or_default();
+                if !g.contains(&&pt.target) {
+                    g.push(&pt.target);
+                }
+            }
+        }
+        for mut group in by_key.into_values() {
+            // Merge every group it shares a target with into it, keeping first-seen order.
+            let mut i = 0;
+            while i < groups.len() {
+                if groups[i].iter().any(|t| group.contains(t)) {
+                    let mut merged = groups.remove(i);
+                    for t in group {
+                        if !merged.contains(&t) {
+                            merged.push(t);
+                        }
+                    }
+                    group = merged;
+                    i = 0;
+                } else {
+                    i += 1;
+                }
+            }
+            groups.push(group);
+        }
+    }
+    groups.sort();
+    groups
+}
+
+/// Plans the targets of one spread group together: what its pools want is spread over
+/// them ([`assign`]), then each is planned with its share. If a member cannot be read, or
+/// the rules do not fit, no member is written.
+pub(super) fn plan_group(
+    desired: &Desired,
+    members: &[&Target],
+    layout: &BTreeMap<&Target, ScopePools<'_>>,
+    observations: &BTreeMap<Target, ObservationResult>,
+    renderer: &dyn Render,
+    failed_pools: &BTreeSet<&PoolName>,
+) -> Vec<TargetPlan> {
+    let no_scopes = ScopePools::new();
+    let scopes = |t: &Target| layout.get(t).unwrap_or(&no_scopes);
+    let pools =
+        |t: &Target| -> BTreeSet<PoolName> { scopes(t).values().flatten().cloned().collect() };
+    let mut seen: Vec<&Observation> = Vec::new();
+    for t in members {
+        let failure = match observations.get(*t) {
+            Some(Ok(o)) => {
+                seen.push(o);
+                continue;
+            }
+            Some(Err(f)) => f.clone(),
+            None => Failure::new(ErrorKind::Other, "not observed"),
+        };
+        // Where a rule is (or may go) depends on every member: none is planned.
+        return members
+            .iter()
+            .map(|m| {
+                let error = if m == t {
+                    PlanError::observe(&failure)
+                } else {
+                    PlanError::observe(&Failure::new(
+                        failure.kind,
+                        format!(
+                            "{t}, which shares this pool's rules, could not be read: {failure}"
+                        ),
+                    ))
+                };
+                errored(m, pools(m), error)
+            })
+            .collect();
+    }
+    let mut want: Vec<Rule> = members
+        .iter()
+        .zip(&seen)
+        .flat_map(|(t, o)| render_want(desired, t, scopes(t), o, renderer))
+        .collect();
+    want.sort_by(|a, b| a.content.cmp(&b.content));
+    want.dedup_by(|a, b| a.content == b.content);
+    let placing: Vec<Member<'_>> = seen
+        .iter()
+        .map(|o| {
+            let inputs = matching::Inputs {
+                observation: o,
+                desired,
+                failed_pools,
+                renderer,
+                denies: shadow::denies(o),
+            };
+            Member {
+                observation: o,
+                pinned: o
+                    .rules
+                    .iter()
+                    .filter(|r| r.owned && inputs.pin_reason(r).is_some())
+                    .collect(),
+            }
+        })
+        .collect();
+    match assign(&want, &placing) {
+        Ok(placed) => members
+            .iter()
+            .zip(&seen)
+            .zip(placed)
+            .map(|((t, o), rules)| {
+                plan_target(
+                    t,
+                    pools(t),
+                    rules.into_iter().cloned().collect(),
+                    o,
+                    desired,
+                    failed_pools,
+                    renderer,
+                )
+            })
+            .collect(),
+        Err(e) => members
+            .iter()
+            .map(|t| errored(t, pools(t), e.clone()))
+            .collect(),
+    }
+}
 
 /// One target of a spread group, as the placement sees it.
 pub(super) struct Member<'a> {
@@ -286,7 +424,9 @@ mod tests {
                 pinned: Vec::new(),
             },
         ];
-        let want: Vec<Rule> = (0..6).map(|i| rule(10 + i, &format!("10.0.0.{i}/32"))).collect();
+        let want: Vec<Rule> = (0..6)
+            .map(|i| rule(10 + i, &format!("10.0.0.{i}/32")))
+            .collect();
         let err = assign(&want, &members).unwrap_err();
         assert_eq!(
             err,

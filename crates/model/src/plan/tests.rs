@@ -62,6 +62,7 @@ fn resolutions() -> BTreeMap<PoolName, PoolResolution> {
             target: target(),
             scope: None,
             payload: None,
+            spread: None,
         }]),
     )]
     .into()
