@@ -192,10 +192,19 @@ impl GcpProvider {
             if op.status == Some(operation::Status::Done) {
                 return match &op.error {
                     Some(e) if !e.errors.is_empty() => {
-                        let errors: Vec<(Option<String>, Option<String>)> = e
+                        let errors: Vec<error::OperationError> = e
                             .errors
                             .iter()
-                            .map(|x| (x.code.clone(), x.message.clone()))
+                            .map(|x| error::OperationError {
+                                code: x.code.clone(),
+                                message: x.message.clone(),
+                                reasons: x
+                                    .error_details
+                                    .iter()
+                                    .filter_map(|d| d.error_info.as_ref()?.reason.clone())
+                                    .collect(),
+                                quota_info: x.error_details.iter().any(|d| d.quota_info.is_some()),
+                            })
                             .collect();
                         Err(error::map_operation_error(
                             what,

@@ -10,16 +10,21 @@
 //!
 //! The modules, one idea each: `client` makes the Compute calls, `wire`
 //! maps Compute rules to and from the neutral model, `resolve` finds a pool's target,
-//! `apply` carries out a plan, `preflight` checks permissions, and `network_admin` knows
-//! when a network admin must make the writes (Shared VPC, 403) and what they run.
+//! `apply` carries out a plan, `preflight` checks permissions, `network_admin` knows
+//! when a network admin must make the writes (Shared VPC, 403) and what they run, `deny`
+//! reads what a Deny rule may block, and `orphans` finds the targets holding rules of ours.
 
 mod apply;
 mod client;
 pub mod config;
+mod deny;
 pub mod discovery;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod marker;
 mod network_admin;
+mod orphans;
 mod preflight;
 pub mod render;
 mod resolve;
@@ -33,7 +38,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use google_cloud_compute_v1::client::{Firewalls, Instances};
 use nodeport_firewall_model::{
-    Limits, ManualSteps, Observation, PoolTarget, Render, Target, TargetPlan,
+    Config, Limits, ManualSteps, Observation, PoolTarget, Render, Target, TargetPlan,
 };
 use nodeport_firewall_provider::{
     ApplyFailure, ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy,
@@ -220,8 +225,11 @@ impl GcpProvider {
             max_rules_reason: None,
             updates_in_place: true,
             priorities: None,
-            own_priority: None,
-            deny_wins_ties: false,
+            // Every rule of ours is written at gcp.priority; the plan cannot move it.
+            own_priority: Some(self.own_priority()),
+            // Compute: "DENY rules take precedence over ALLOW rules if they have equal
+            // priority" (Firewall.priority in the API reference).
+            deny_wins_ties: true,
         }
     }
 }
@@ -254,6 +262,11 @@ impl Provider for GcpProvider {
             .filter_map(|fw| self.to_observed(fw))
             .collect();
         Ok(Observation::new(rules, self.limits()))
+    }
+
+    /// Targets holding rules of ours, by name prefix in the config's projects (`orphans`).
+    async fn owned_targets(&self, config: &Config) -> Result<Vec<Target>> {
+        self.find_owned_targets(config).await
     }
 
     async fn preflight(&self, target: &Target) -> Result<Vec<String>> {

@@ -1,6 +1,9 @@
 //! The permission preflight on GCP: which Compute firewall permissions the credentials
 //! lack on a target, found without writing. Listing shows `compute.firewalls.list`; the
-//! write permissions are asked of `firewalls.testIamPermissions` on a rule of the network.
+//! write permissions are asked of `firewalls.testIamPermissions` on a rule of the network
+//! that carries our name prefix when there is one: the recommended IAM condition
+//! (docs/gcp.md) grants writes only on rules named `npf-<cluster>-*`, so asked of another
+//! rule they read as missing.
 
 use nodeport_firewall_model::Target;
 use nodeport_firewall_provider::{ErrorKind, Provider, Result};
@@ -9,8 +12,9 @@ use crate::GcpProvider;
 
 impl GcpProvider {
     /// `compute.firewalls.list` by listing; the write permissions by
-    /// `firewalls.testIamPermissions` on a rule of the network (any rule: they inherit the
-    /// project's policy). A network without rules cannot be checked for writes.
+    /// `firewalls.testIamPermissions` on a rule of the network, one with our name prefix if
+    /// any (else any rule: without an IAM condition they inherit the project's policy). A
+    /// network without rules cannot be checked for writes.
     pub(crate) async fn missing_permissions(&self, target: &Target) -> Result<Vec<String>> {
         let obs = match self.observe(target).await {
             Ok(o) => o,
@@ -19,7 +23,14 @@ impl GcpProvider {
             }
             Err(e) => return Err(e),
         };
-        let Some(probe) = obs.rules.iter().find_map(|r| r.id.clone()) else {
+        // A rule of ours by name first: the recommended IAM condition grants writes on our
+        // names only, so asked of another rule they would read as missing.
+        let prefix = crate::marker::name_prefix(&self.cluster);
+        let ids = || obs.rules.iter().filter_map(|r| r.id.clone());
+        let Some(probe) = ids()
+            .find(|n| n.starts_with(&prefix))
+            .or_else(|| ids().next())
+        else {
             return Ok(Vec::new());
         };
         let (project, _) = Self::split_target(target)?;

@@ -46,6 +46,7 @@ impl GcpProvider {
                 target: target.clone(),
                 scope: Some(scope.encode()),
                 payload: shared_vpc.clone(),
+                spread: None,
             }]
         };
         match (&over.target_tags[..], &over.target_service_account) {

@@ -9,7 +9,7 @@ use nodeport_firewall_model::{
 };
 use nodeport_firewall_provider::Result;
 
-use crate::{GcpProvider, Scope, invalid, marker};
+use crate::{GcpProvider, Scope, deny, invalid, marker};
 
 /// The URL prefix of Compute resources in self links, whatever endpoint the client uses.
 const RESOURCE_URL: &str = "https://www.googleapis.com/compute/v1/";
@@ -28,78 +28,15 @@ impl GcpProvider {
         format!("{RESOURCE_URL}projects/{project}/global/networks/{network}")
     }
 
-    /// Maps one Compute firewall rule to a neutral rule. A rule that is not a single-protocol
-    /// ingress allow from source ranges to tags or a service account is never ours; it is
-    /// kept, with no sources, for the budget count.
+    /// Maps one Compute firewall rule to a neutral rule ([`observe`]).
     pub(crate) fn to_observed(&self, fw: &Firewall) -> Option<ObservedRule> {
-        let name = fw.name.clone()?;
-        let parsed = marker::parse(&self.cluster, &name, fw.description.as_deref());
-        let ingress = fw
-            .direction
-            .as_ref()
-            .is_none_or(|d| *d == firewall::Direction::Ingress);
-        let (protocol, ports) = match fw.allowed.as_slice() {
-            [one] => (
-                one.ip_protocol.as_deref().and_then(parse_protocol),
-                parse_ports(&one.ports),
-            ),
-            _ => (None, None),
-        };
-        let mut sources: Vec<IpNet> = fw
-            .source_ranges
-            .iter()
-            .filter_map(|s| s.parse::<IpNet>().ok().map(|n| n.trunc()))
-            .collect();
-        sources.sort();
-        sources.dedup();
-        let family = sources.first().map_or(IpFamily::V4, IpFamily::of);
-        let scope = Scope::of(&fw.target_tags, &fw.target_service_accounts);
-        let mappable = ingress
-            && fw.disabled != Some(true)
-            && fw.denied.is_empty()
-            && protocol.is_some()
-            && ports.is_some()
-            && !sources.is_empty()
-            && sources.len() == fw.source_ranges.len()
-            && sources.iter().all(|s| IpFamily::of(s) == family)
-            && fw.source_tags.is_empty()
-            && fw.source_service_accounts.is_empty()
-            && fw.destination_ranges.is_empty()
-            && scope.is_some();
-        let owned = parsed.owned && mappable;
-        let rule = Rule {
-            name: Some(name.clone()),
-            content: RuleContent {
-                scope: scope.map(|s| s.encode()),
-                family,
-                protocol: protocol.unwrap_or(Protocol::Tcp),
-                ports: ports.unwrap_or_default(),
-                sources: if mappable { sources } else { Vec::new() },
-            },
-            services: if owned {
-                parsed.services
-            } else {
-                Default::default()
-            },
-            pools: if owned {
-                parsed.pools
-            } else {
-                Default::default()
-            },
-        };
-        // A cut Service list is known by its digest: the planner compares it with the
-        // digest of the rule it wants.
-        let digest = parsed
-            .services_digest
-            .filter(|_| owned)
-            .map(|value| MarkerDigest {
-                value,
-                pools_listed: true,
-            });
-        Some(ObservedRule {
-            digest,
-            ..ObservedRule::new(Some(name), rule, owned)
-        })
+        observe(&self.cluster, self.own_priority(), fw)
+    }
+
+    /// The priority every rule of ours is written at: `gcp.priority`, checked to be
+    /// within 0-65535 when the provider is built.
+    pub(crate) fn own_priority(&self) -> u32 {
+        u32::try_from(self.config.priority).unwrap_or(DEFAULT_PRIORITY)
     }
 
     /// The firewall body of one neutral rule; `with_network`: the fields only an insert
@@ -158,6 +95,97 @@ impl GcpProvider {
     }
 }
 
+/// The priority Compute gives a rule that sets none.
+pub(crate) const DEFAULT_PRIORITY: u32 = 1000;
+
+/// A rule's priority: its `priority`, 1000 when absent, within 0-65535.
+fn priority_of(fw: &Firewall) -> u32 {
+    fw.priority.map_or(DEFAULT_PRIORITY, |p| {
+        u32::try_from(p.clamp(0, 65535)).unwrap_or(0)
+    })
+}
+
+/// Maps one Compute firewall rule of a network to a neutral rule, for `cluster` whose
+/// rules are written at `own_priority`. A rule that is not a single-protocol ingress allow
+/// from source ranges to tags or a service account is never ours; it is kept, with no
+/// sources, for the budget count, and an enforced ingress Deny carries what it may block
+/// ([`deny::denial_of`]). Every rule carries its priority. No input panics.
+pub(crate) fn observe(cluster: &str, own_priority: u32, fw: &Firewall) -> Option<ObservedRule> {
+    let name = fw.name.clone()?;
+    let priority = priority_of(fw);
+    let denial = deny::denial_of(fw);
+    let parsed = marker::parse(cluster, &name, fw.description.as_deref());
+    let (protocol, ports) = match fw.allowed.as_slice() {
+        [one] => (
+            one.ip_protocol.as_deref().and_then(parse_protocol),
+            parse_ports(&one.ports),
+        ),
+        _ => (None, None),
+    };
+    let mut sources: Vec<IpNet> = fw
+        .source_ranges
+        .iter()
+        .filter_map(|s| s.parse::<IpNet>().ok().map(|n| n.trunc()))
+        .collect();
+    sources.sort();
+    sources.dedup();
+    let family = sources.first().map_or(IpFamily::V4, IpFamily::of);
+    let scope = Scope::of(&fw.target_tags, &fw.target_service_accounts);
+    let mappable = deny::enforced_on_ingress(fw)
+        && fw.denied.is_empty()
+        && protocol.is_some()
+        && ports.is_some()
+        && !sources.is_empty()
+        && sources.len() == fw.source_ranges.len()
+        && sources.iter().all(|s| IpFamily::of(s) == family)
+        && fw.source_tags.is_empty()
+        && fw.source_service_accounts.is_empty()
+        && fw.destination_ranges.is_empty()
+        && scope.is_some();
+    let owned = parsed.owned && mappable;
+    let rule = Rule {
+        name: Some(name.clone()),
+        content: RuleContent {
+            scope: scope.map(|s| s.encode()),
+            family,
+            protocol: protocol.unwrap_or(Protocol::Tcp),
+            ports: ports.unwrap_or_default(),
+            // A Deny never holds sources here, so it never satisfies a wanted rule.
+            sources: if mappable { sources } else { Vec::new() },
+        },
+        services: if owned {
+            parsed.services
+        } else {
+            Default::default()
+        },
+        pools: if owned {
+            parsed.pools
+        } else {
+            Default::default()
+        },
+    };
+    // A cut Service list is known by its digest: the planner compares it with the
+    // digest of the rule it wants.
+    let digest = parsed
+        .services_digest
+        .filter(|_| owned)
+        .map(|value| MarkerDigest {
+            value,
+            pools_listed: true,
+        });
+    // A rule of ours moved to another priority by hand (or written before gcp.priority
+    // changed) may now sit behind a Deny: the plan patches it back to ours.
+    let needs_rewrite = (owned && priority != own_priority)
+        .then(|| format!("its priority is {priority}, not gcp.priority {own_priority}"));
+    Some(ObservedRule {
+        digest,
+        priority: Some(priority),
+        deny: denial,
+        needs_rewrite,
+        ..ObservedRule::new(Some(name), rule, owned)
+    })
+}
+
 fn parse_protocol(p: &str) -> Option<Protocol> {
     match p.to_ascii_lowercase().as_str() {
         "tcp" | "6" => Some(Protocol::Tcp),
@@ -207,5 +235,65 @@ mod tests {
         assert_eq!(parse_protocol("TCP"), Some(Protocol::Tcp));
         assert_eq!(parse_protocol("17"), Some(Protocol::Udp));
         assert_eq!(parse_protocol("icmp"), None);
+    }
+
+    fn ours(name: &str) -> Firewall {
+        let pools = [nodeport_firewall_model::PoolName::new("web")].into();
+        Firewall::new()
+            .set_name(name)
+            .set_allowed([firewall::Allowed::new()
+                .set_ip_protocol("tcp")
+                .set_ports(["30080"])])
+            .set_source_ranges(["10.0.0.0/8"])
+            .set_target_tags(["web"])
+            .set_description(marker::description("c1", &pools, &Default::default()))
+    }
+
+    #[test]
+    fn every_rule_carries_its_priority_and_denies_are_never_ours() {
+        let o = |fw: &Firewall| observe("c1", 1000, fw).unwrap();
+        let mine = o(&ours("npf-c1-web-0123456789"));
+        assert!(mine.owned);
+        assert_eq!(mine.priority, Some(1000), "absent: Compute's default");
+        assert_eq!(mine.deny, None);
+        assert_eq!(mine.needs_rewrite, None);
+        let moved = o(&ours("npf-c1-web-0123456789").set_priority(1200));
+        assert!(moved.owned);
+        assert_eq!(moved.priority, Some(1200));
+        assert!(
+            moved
+                .needs_rewrite
+                .as_deref()
+                .is_some_and(|r| r.contains("1200")),
+            "a rule of ours moved behind others is put back: {moved:?}"
+        );
+        let foreign = o(&ours("allow-web").set_priority(10));
+        assert!(!foreign.owned);
+        assert_eq!((foreign.priority, foreign.needs_rewrite), (Some(10), None));
+        // Our marker on a Deny does not make it ours; it holds no sources.
+        let deny = ours("npf-c1-web-0123456789")
+            .set_allowed(Vec::<firewall::Allowed>::new())
+            .set_denied([firewall::Denied::new()
+                .set_ip_protocol("tcp")
+                .set_ports(["30080"])])
+            .set_priority(900);
+        let d = o(&deny);
+        assert!(!d.owned);
+        assert!(d.rule.content.sources.is_empty());
+        assert_eq!(d.priority, Some(900));
+        assert_eq!(
+            d.deny,
+            Some(nodeport_firewall_model::Denial {
+                protocol: Some(Protocol::Tcp),
+                ports: vec![PortRange::single(30080)],
+                sources: vec!["10.0.0.0/8".parse().unwrap()],
+                scopes: vec![],
+            })
+        );
+        assert_eq!(o(&deny.clone().set_disabled(true)).deny, None);
+        // Out-of-range priorities from a broken answer are clamped, not a panic.
+        assert_eq!(o(&ours("x").set_priority(-5)).priority, Some(0));
+        assert_eq!(o(&ours("x").set_priority(i32::MAX)).priority, Some(65535));
+        assert_eq!(observe("c1", 1000, &Firewall::new()), None, "no name");
     }
 }

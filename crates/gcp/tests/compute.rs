@@ -104,6 +104,14 @@ fn ours(server: &ComputeServer, project: &str) -> BTreeMap<String, Value> {
 // ---------------------------------------------------------------------------------------
 // Conformance
 
+/// The target fields of a rule with this neutral scope (`tags:a,b` or `sa:<email>`).
+fn scope_fields(scope: &str) -> Value {
+    match scope.strip_prefix("tags:") {
+        Some(tags) => json!({"targetTags": tags.split(',').collect::<Vec<_>>()}),
+        None => json!({"targetServiceAccounts": [scope.strip_prefix("sa:").unwrap()]}),
+    }
+}
+
 struct GcpHarness {
     server: ComputeServer,
     provider: GcpProvider,
@@ -170,15 +178,40 @@ impl Harness for GcpHarness {
         Ok(())
     }
 
+    /// A foreign Allow for exactly the rule at our priority + 200, behind a foreign Deny
+    /// covering it at our priority + 100: our own rule, at our priority, still wins.
     async fn seed_shadowed_allow(
         &self,
-        _target: &Target,
-        _rule: &Rule,
+        target: &Target,
+        rule: &Rule,
     ) -> nodeport_firewall_provider::Result<Option<String>> {
-        Err(nodeport_firewall_provider::Error::new(
-            nodeport_firewall_provider::ErrorKind::Unsupported,
-            "TODO(issue 14): seed a foreign Deny",
-        ))
+        let (project, network) = target.id.split_once('/').unwrap();
+        let c = &rule.content;
+        let own = self.provider.config().priority;
+        let n = self.server.firewalls(project).len();
+        let targets = scope_fields(c.scope.as_deref().unwrap());
+        let entry = json!([{"IPProtocol": c.protocol.as_str(),
+                            "ports": c.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>()}]);
+        let sources: Vec<String> = c.sources.iter().map(|s| s.to_string()).collect();
+        let deny = format!("deny-by-hand-{n}");
+        for (name, action, priority) in [
+            (format!("allow-behind-deny-{n}"), "allowed", own + 200),
+            (deny.clone(), "denied", own + 100),
+        ] {
+            let mut body = json!({
+                "name": name,
+                "network": format!("projects/{project}/global/networks/{network}"),
+                "priority": priority,
+                "sourceRanges": sources,
+                "description": "opened by hand",
+            });
+            body[action] = entry.clone();
+            for (k, v) in targets.as_object().unwrap() {
+                body[k.as_str()] = v.clone();
+            }
+            self.server.seed_firewall(project, body).unwrap();
+        }
+        Ok(Some(deny))
     }
 }
 
@@ -735,7 +768,136 @@ async fn the_budget_is_a_plan_error_and_the_project_quota_a_clear_failure() {
         error.to_string().contains("Quota 'FIREWALLS' exceeded"),
         "{error}"
     );
-    assert!(error.to_string().contains("quotaExceeded"), "{error}");
+    // Compute's quota answer carries details (an ErrorInfo QUOTA_EXCEEDED): its reason is
+    // the code.
+    assert!(error.to_string().contains("(QUOTA_EXCEEDED)"), "{error}");
+}
+
+/// A 403 whose details say quota (a QuotaFailure, with no ErrorInfo: the SDK then drops the
+/// legacy `errors[]`) is a quota failure, not a permission error with network-admin
+/// commands; a 403 rate limit is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_quota_answer_with_details_is_a_quota_failure_and_a_403_rate_limit_is_retried() {
+    use nodeport_firewall_e2e::faults::Fault;
+    let server = ComputeServer::start();
+    let nodes = pool_nodes(
+        &server,
+        "web",
+        1,
+        &["web"],
+        "default@proj-a.iam.gserviceaccount.com",
+    );
+    let config = config_for(&[("web", None)]);
+    let svcs = [svc("a", 30080, "10.0.0.0/8")];
+    let p = provider_with(&server, json!({})).await;
+    let quota = |code: &str| Fault::Status {
+        status: 403,
+        code: Some(code.to_string()),
+        retry_after: None,
+    };
+    for code in ["QuotaFailure", "quotaExceeded"] {
+        server.inject("firewalls.insert", 1, quota(code));
+        let outcomes = apply(&p, &plan(&p, &config, &svcs, &nodes).await).await;
+        let ApplyOutcome::Failed { error, .. } = &outcomes[0].1 else {
+            panic!("expected a failure: {outcomes:?}")
+        };
+        assert_eq!(error.kind, ErrorKind::QuotaExceeded, "{code}: {error}");
+        let text = error.to_string();
+        assert!(text.contains("Quota 'FIREWALLS' exceeded"), "{text}");
+        assert!(
+            !text.contains("network admin"),
+            "not a permission error: {text}"
+        );
+        assert_eq!(
+            server.calls_on("firewalls.insert", PROJECT),
+            1,
+            "not retried"
+        );
+        server.reset_calls();
+    }
+    server.inject("firewalls.insert", 2, quota("rateLimitExceeded"));
+    apply_ok(&p, &plan(&p, &config, &svcs, &nodes).await).await;
+    assert_eq!(
+        server.calls_on("firewalls.insert", PROJECT),
+        3,
+        "retried twice"
+    );
+    assert_eq!(ours(&server, PROJECT).len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Orphans: targets holding rules of ours, found by name prefix in the config's projects
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owned_targets_are_found_by_name_prefix_in_the_projects_of_the_config() {
+    let server = ComputeServer::start();
+    let p = provider_with(&server, json!({})).await;
+    let marker = |cluster: &str| {
+        json!({"managedBy": "nodeport-firewall", "cluster": cluster, "pools": ["web"], "services": []})
+            .to_string()
+    };
+    let rule = |name: &str, network: &str, description: String| {
+        json!({"name": name, "network": network,
+               "allowed": [{"IPProtocol": "tcp", "ports": ["30080"]}],
+               "sourceRanges": ["10.0.0.0/8"], "targetTags": ["web"],
+               "description": description})
+    };
+    for (project, body) in [
+        // Ours, on two networks of gcp.project.
+        (
+            PROJECT,
+            rule("npf-gke-test-web-1", "old-vpc", marker(CLUSTER)),
+        ),
+        (
+            PROJECT,
+            rule("npf-gke-test-web-2", "default", marker(CLUSTER)),
+        ),
+        // Ours, in the project a listed pool names.
+        (
+            "pool-proj",
+            rule("npf-gke-test-web-3", "vpc-b", marker(CLUSTER)),
+        ),
+        // Not ours: another cluster's marker on our prefix, our marker on another name,
+        // a rule by hand.
+        (
+            PROJECT,
+            rule("npf-gke-test-web-4", "other-a", marker("other")),
+        ),
+        (PROJECT, rule("copied-marker", "other-b", marker(CLUSTER))),
+        (
+            PROJECT,
+            rule("allow-by-hand", "other-c", "by hand".to_string()),
+        ),
+        // Ours, in a project no config names any more: not searched.
+        (
+            "gone-proj",
+            rule("npf-gke-test-web-5", "vpc-c", marker(CLUSTER)),
+        ),
+    ] {
+        server.seed_firewall(project, body).unwrap();
+    }
+    let mut config = config_for(&[("b", Some(json!({"project": "pool-proj"})))]);
+    config.pools.get_mut(&PoolName::new("b")).unwrap().managed = Some(false);
+    server.reset_calls();
+    let found = p.owned_targets(&config).await.unwrap();
+    let ids: Vec<&str> = found.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["pool-proj/vpc-b", "proj-a/default", "proj-a/old-vpc"],
+        "sorted, without duplicates"
+    );
+    assert!(found.iter().all(|t| t.provider == "gcp"));
+    // One filtered list per project.
+    assert_eq!(server.calls_on("firewalls.list", PROJECT), 1);
+    assert_eq!(server.calls_on("firewalls.list", "pool-proj"), 1);
+    assert_eq!(server.calls_on("firewalls.list", "gone-proj"), 0);
+
+    // A failed search is an error (the engine warns and removes nothing), not a panic.
+    server.fail_next("firewalls.list", 10, 403);
+    assert_eq!(
+        p.owned_targets(&config).await.unwrap_err().kind,
+        ErrorKind::PermissionDenied
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -767,9 +929,11 @@ async fn one_service_change_is_one_list_and_one_write_per_affected_rule() {
     p.stats().reset();
     let noop = plan(&p, &config, &svcs, &nodes).await;
     assert_eq!(writes(&noop), 0);
+    // One list of the network (observe) and one by our name prefix in the project (the
+    // search for targets holding rules of ours, `owned_targets`).
     assert_eq!(
         server.calls(),
-        BTreeMap::from([("firewalls.list".to_string(), 1)])
+        BTreeMap::from([("firewalls.list".to_string(), 2)])
     );
 
     // One Service added: on each of the 3 pools' IPv4 rule, one patch.
@@ -779,7 +943,7 @@ async fn one_service_change_is_one_list_and_one_write_per_affected_rule() {
     let one = plan(&p, &config, &svcs, &nodes).await;
     apply_ok(&p, &one).await;
     let calls = server.calls();
-    assert_eq!(calls["firewalls.list"], 1, "{calls:?}");
+    assert_eq!(calls["firewalls.list"], 2, "{calls:?}");
     assert_eq!(calls["firewalls.patch"], 3, "{calls:?}");
     assert_eq!(p.stats().writes(), 3);
     println!(
@@ -866,7 +1030,10 @@ async fn measure_200_services_across_3_pools() {
     apply_ok(&p, &plan(&p, &config, &changed, &nodes).await).await;
     let calls = server.calls();
     println!("one Service's allowlist changed: {calls:?}");
-    assert_eq!(calls["firewalls.list"], 1);
+    assert_eq!(
+        calls["firewalls.list"], 2,
+        "the network's and the name-prefix search"
+    );
     assert_eq!(
         calls.get("firewalls.patch").copied().unwrap_or(0),
         2 * pool_names.len()
