@@ -136,12 +136,12 @@ fn bench(c: &mut Criterion) {
         ShapeRenderer::named(|p: &NameParts<'_>| format!("npf-bench-{}", p.short_hash()));
     let d = desired(&config, &services, &nodes);
     let (resolutions, observed) = steady(&d, &limits, &renderer, 1);
-    // Groups of 60 rules, EC2's default quota: a pool's rules fill several of them.
-    let sixty = Limits {
-        max_rules: Some(60),
+    // Groups of 100 rules: a pool's ~410 rules fill five of them.
+    let hundred = Limits {
+        max_rules: Some(100),
         ..limits.clone()
     };
-    let (spread_resolutions, spread_observed) = steady(&d, &sixty, &renderer, GROUPS);
+    let (spread_resolutions, spread_observed) = steady(&d, &hundred, &renderer, GROUPS);
 
     c.bench_function("full re-plan (desired + diff), steady state", |b| {
         b.iter(|| {

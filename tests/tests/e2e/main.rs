@@ -6,6 +6,7 @@
 
 mod aws;
 mod azure;
+mod capacity;
 mod ci;
 mod cli;
 mod crate_graph;
