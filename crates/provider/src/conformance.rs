@@ -671,21 +671,30 @@ pub async fn orphans_of_an_unmanaged_or_gone_pool_are_removed(h: &dyn Harness) {
         &format!("pool {} is unmanaged", f.pool),
     );
 
+    let theirs = unlisting_removes_all_ours(h, &f, &svcs, &target, ours.len()).await;
+    assert_eq!(theirs.len(), 1, "the rule of others stays: {theirs:#?}");
+}
+
+/// With `f`'s pool gone (out of the config, no Nodes), the plan removes each of the `ours`
+/// rules of ours on `target` as an orphan, applying it leaves none, and nothing more is
+/// planned there. Returns the rules of others left on the target.
+async fn unlisting_removes_all_ours(
+    h: &dyn Harness,
+    f: &PoolFixture,
+    svcs: &[ServiceSpec],
+    target: &Target,
+    ours: usize,
+) -> Vec<(Option<String>, Rule)> {
     let mut gone = f.config.clone();
     gone.pools.remove(&f.pool);
-    let plan = plan_all(h, &gone, &svcs, &[]).await;
-    removes_all_ours(
-        &plan,
-        &target,
-        ours.len(),
-        &format!("pool {} is gone", f.pool),
-    );
-    apply_ok(h, &only(&plan, &target)).await;
-    let (ours, theirs) = observed(h, &target).await;
-    assert!(ours.is_empty(), "orphans left: {ours:#?}");
-    assert_eq!(theirs.len(), 1, "the rule of others stays: {theirs:#?}");
-    let again = plan_all(h, &gone, &svcs, &[]).await;
-    assert_no_writes(&only(&again, &target), "plan after the orphans went");
+    let plan = plan_all(h, &gone, svcs, &[]).await;
+    removes_all_ours(&plan, target, ours, &format!("pool {} is gone", f.pool));
+    apply_ok(h, &only(&plan, target)).await;
+    let (left, theirs) = observed(h, target).await;
+    assert!(left.is_empty(), "rules of a gone pool left: {left:#?}");
+    let again = plan_all(h, &gone, svcs, &[]).await;
+    assert_no_writes(&only(&again, target), "plan after the orphans went");
+    theirs
 }
 
 /// A pool whose Nodes are all gone keeps its rules while the config lists it, on every
@@ -711,21 +720,8 @@ pub async fn a_pool_scaled_to_zero_keeps_its_rules_only_while_listed(h: &dyn Har
     let (still, _) = observed(h, &target).await;
     assert_eq!(still, ours, "a listed pool scaled to zero keeps its rules");
 
-    let mut unlisted = f.config.clone();
-    unlisted.pools.remove(&f.pool);
-    let plan = plan_all(h, &unlisted, &svcs, &[]).await;
-    removes_all_ours(
-        &plan,
-        &target,
-        ours.len(),
-        &format!("pool {} is gone", f.pool),
-    );
-    apply_ok(h, &only(&plan, &target)).await;
-    let (left, _) = observed(h, &target).await;
-    assert!(
-        left.is_empty(),
-        "an unlisted pool scaled to zero keeps nothing: {left:#?}"
-    );
+    // Unlisted, it is gone: it keeps nothing.
+    unlisting_removes_all_ours(h, &f, &svcs, &target, ours.len()).await;
 }
 
 async fn apply_ok_with(provider: &dyn Provider, plan: &Plan) {

@@ -103,11 +103,17 @@ pub(super) fn plan_group(
             })
             .collect();
     }
-    let mut want: Vec<Rule> = members
-        .iter()
-        .zip(&seen)
-        .flat_map(|(t, o)| render_want(desired, t, scopes(t), o, renderer))
-        .collect();
+    // Members with the same pools, scopes and limits want the same rules: render once for
+    // each such kind of member (usually once for the group).
+    let mut want: Vec<Rule> = Vec::new();
+    let mut rendered: Vec<(&ScopePools<'_>, &Limits)> = Vec::new();
+    for (t, o) in members.iter().zip(&seen) {
+        let kind = (scopes(t), &o.limits);
+        if !rendered.contains(&kind) {
+            rendered.push(kind);
+            want.extend(render_want(desired, t, scopes(t), o, renderer));
+        }
+    }
     want.sort_by(|a, b| a.content.cmp(&b.content));
     want.dedup_by(|a, b| a.content == b.content);
     let placing: Vec<Member<'_>> = seen
@@ -355,6 +361,16 @@ mod tests {
         }
     }
 
+    fn unpinned<'a>(observations: &[&'a Observation]) -> Vec<Member<'a>> {
+        observations
+            .iter()
+            .map(|o| Member {
+                observation: o,
+                pinned: Vec::new(),
+            })
+            .collect()
+    }
+
     fn ports(placed: &[Vec<&Rule>]) -> Vec<Vec<u16>> {
         placed
             .iter()
@@ -366,16 +382,7 @@ mod tests {
     fn new_rules_fill_the_first_target_with_room_and_keep_sources_together() {
         let a = Observation::new(observed(&[rule(1, "192.0.2.0/24")], false), limits(2));
         let b = Observation::new(Vec::new(), limits(2));
-        let members = [
-            Member {
-                observation: &a,
-                pinned: Vec::new(),
-            },
-            Member {
-                observation: &b,
-                pinned: Vec::new(),
-            },
-        ];
+        let members = unpinned(&[&a, &b]);
         let want = vec![
             rule(10, "10.0.0.1/32"),
             rule(11, "10.0.0.2/32"),
@@ -391,16 +398,7 @@ mod tests {
         let ours = [rule(11, "10.0.0.2/32")];
         let a = Observation::new(Vec::new(), limits(1));
         let b = Observation::new(observed(&ours, true), limits(1));
-        let members = [
-            Member {
-                observation: &a,
-                pinned: Vec::new(),
-            },
-            Member {
-                observation: &b,
-                pinned: Vec::new(),
-            },
-        ];
+        let members = unpinned(&[&a, &b]);
         let want = vec![
             rule(10, "10.0.0.1/32"),
             rule(11, "10.0.0.2/32"),
@@ -414,16 +412,7 @@ mod tests {
     fn a_full_group_is_one_error_that_says_what_would_fit() {
         let a = Observation::new(Vec::new(), limits(2));
         let b = Observation::new(observed(&[rule(1, "192.0.2.0/24")], false), limits(2));
-        let members = [
-            Member {
-                observation: &a,
-                pinned: Vec::new(),
-            },
-            Member {
-                observation: &b,
-                pinned: Vec::new(),
-            },
-        ];
+        let members = unpinned(&[&a, &b]);
         let want: Vec<Rule> = (0..6)
             .map(|i| rule(10 + i, &format!("10.0.0.{i}/32")))
             .collect();
