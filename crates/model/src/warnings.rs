@@ -37,6 +37,9 @@ pub enum WarningKind {
     SharedTarget,
     /// The search for targets holding orphaned rules of ours failed: orphans may remain.
     OrphanSearch,
+    /// A provider's remark on what it read (AWS: the rule quota could not be read from
+    /// Service Quotas, so the configured one is used).
+    Provider,
 }
 
 impl fmt::Display for WarningKind {

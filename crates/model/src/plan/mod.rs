@@ -267,6 +267,20 @@ pub fn plan(
         }
     }
 
+    // What providers said about what they read, each message once.
+    let said: BTreeSet<&str> = observations
+        .values()
+        .filter_map(|o| o.as_ref().ok())
+        .flat_map(|o| o.warnings.iter().map(String::as_str))
+        .collect();
+    for message in said {
+        warnings.push(crate::warnings::Warning::new(
+            crate::warnings::WarningKind::Provider,
+            None,
+            message.to_string(),
+        ));
+    }
+
     // A target that was read but that no managed pool maps to was found by our marker
     // (`Provider::owned_targets`): the rules of ours there are orphans, planned against
     // nothing wanted, so they go unless something pins them.

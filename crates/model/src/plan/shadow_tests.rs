@@ -513,3 +513,32 @@ fn which_labels_a_kubelet_may_set() {
         assert_eq!(crate::node::kubelet_may_set(key), settable, "{key}");
     }
 }
+
+#[test]
+fn what_providers_say_about_a_read_is_one_warning_per_message() {
+    let d = desired(
+        &Config::new("c"),
+        &web(),
+        &[NodeSpec::new("a1").with_label(POOL_LABEL, "a")],
+    );
+    let said = |id: &str| {
+        let mut o = Observation::new(vec![], banded());
+        o.warnings = vec!["quota unknown: using 60".into()];
+        (Target::new("test", id), Ok(o))
+    };
+    let observations = [said("t"), said("u")].into();
+    let p = plan(
+        &d,
+        "test",
+        &resolutions(),
+        &observations,
+        &ShapeRenderer::unnamed(),
+    );
+    let provider: Vec<_> = p
+        .warnings
+        .iter()
+        .filter(|w| w.kind == crate::WarningKind::Provider)
+        .map(|w| w.message.as_str())
+        .collect();
+    assert_eq!(provider, ["quota unknown: using 60"]);
+}
