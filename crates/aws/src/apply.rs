@@ -1,6 +1,7 @@
 //! Carrying out a target's plan on a security group. Every rule a remove or update names is
 //! first checked to be ours against what EC2 said; rules gone meanwhile are skipped. Adds
-//! are authorized in batches of rules with the same tags, removes revoked by rule id, and
+//! are authorized in one call per set of pools served (the only per-rule tags; Service lists
+//! are in descriptions, which are per rule), removes revoked by rule id in one call, and
 //! updates (EC2 rules cannot change ports or sources in place) only rewrite a rule's marker:
 //! its description and tags. A duplicate or an already revoked rule is noted, not an error.
 
@@ -63,8 +64,9 @@ impl AwsProvider {
     ) -> Result<()> {
         let limits = self.limits();
         let mut contents = HashSet::new();
-        // Rules whose tags are the same go in one call; a rule whose Services do not fit its
-        // description carries them in tags of its own, so it goes alone.
+        // Rules whose tags are the same go in one call. Only a rule whose marker cannot even
+        // hold a digest (an extremely long cluster name) carries its Services in tags of its
+        // own, and goes alone.
         let mut batches: BTreeMap<Tags, Vec<(IpPermission, &Rule)>> = BTreeMap::new();
         let mut singles = Vec::new();
         for c in adds {

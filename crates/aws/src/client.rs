@@ -87,7 +87,8 @@ impl AwsProvider {
         Ok(out)
     }
 
-    /// DescribeSecurityGroups for `ids`: names and whether each carries the cluster tag key.
+    /// DescribeSecurityGroups for `ids`: names, whether each carries the cluster tag key, and
+    /// the pool its pool tag gives it to.
     pub(crate) async fn group_info(
         &self,
         ids: &BTreeSet<String>,
@@ -110,6 +111,12 @@ impl AwsProvider {
                         discovery::GroupInfo {
                             name: g.group_name().unwrap_or_default().to_string(),
                             tagged: g.tags().iter().any(|t| t.key() == Some(&self.tag_key)),
+                            pool: g
+                                .tags()
+                                .iter()
+                                .find(|t| t.key() == Some(&self.config.pool_group_tag_key))
+                                .and_then(|t| t.value())
+                                .map(str::to_string),
                         },
                     );
                 }

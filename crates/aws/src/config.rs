@@ -8,11 +8,26 @@ use serde::{Deserialize, Serialize};
 pub struct AwsConfig {
     /// The region. Default: from the environment (`AWS_REGION`, profile, IMDS).
     pub region: Option<String>,
-    /// An endpoint URL override, e.g. a VPC endpoint or a test server. `AWS_ENDPOINT_URL`
-    /// and `AWS_ENDPOINT_URL_EC2` work too.
+    /// An endpoint URL override, e.g. a VPC endpoint or a test server, for EC2 and (unless
+    /// `serviceQuotasEndpointUrl` is set) Service Quotas. `AWS_ENDPOINT_URL` and
+    /// `AWS_ENDPOINT_URL_EC2` work too.
     pub endpoint_url: Option<String>,
-    /// Inbound rules allowed per security group, per IP family (EC2 default: 60).
-    pub rule_quota: usize,
+    /// The Service Quotas endpoint, when it is not `endpointUrl` (e.g. an EC2 VPC endpoint
+    /// there, and Service Quotas' own here).
+    pub service_quotas_endpoint_url: Option<String>,
+    /// Inbound rules allowed per security group, per IP family. Unset: the quota read from
+    /// Service Quotas (`L-0EA8095F`), else EC2's default, 60. Set: the lower of this and the
+    /// quota read, so that a lower value keeps room for other tools.
+    pub rule_quota: Option<usize>,
+    /// Whether to read the rule quota from Service Quotas at all (`false`: `ruleQuota`, or 60,
+    /// without a call and without a warning, e.g. where no Service Quotas endpoint is reachable).
+    pub read_rule_quota: bool,
+    /// How long a rule quota read from Service Quotas is reused (a failed read: at most 5
+    /// minutes).
+    pub rule_quota_cache_seconds: u64,
+    /// The tag key on security groups that gives them to a pool: every group on a pool's nodes
+    /// tagged `<key>=<pool>` is one of the pool's, and its rules are spread over them.
+    pub pool_group_tag_key: String,
     /// The tag key that marks the security group to manage among several on a node.
     /// Default: `kubernetes.io/cluster/<cluster>`.
     pub cluster_tag_key: Option<String>,
@@ -30,7 +45,11 @@ impl Default for AwsConfig {
         AwsConfig {
             region: None,
             endpoint_url: None,
-            rule_quota: 60,
+            service_quotas_endpoint_url: None,
+            rule_quota: None,
+            read_rule_quota: true,
+            rule_quota_cache_seconds: 3600,
+            pool_group_tag_key: DEFAULT_POOL_GROUP_TAG_KEY.to_string(),
             cluster_tag_key: None,
             max_rules_per_call: 100,
             resolution_cache_seconds: 300,
@@ -42,11 +61,19 @@ impl Default for AwsConfig {
 
 pub use nodeport_firewall_provider::retry::RetrySettings;
 
+/// The default `poolGroupTagKey`.
+pub const DEFAULT_POOL_GROUP_TAG_KEY: &str = "nodeport-firewall.io/pool";
+
+/// EC2's default rule quota per security group and IP family, when none is configured or read.
+pub const EC2_DEFAULT_RULE_QUOTA: usize = 60;
+
 /// The `aws:` section of `pools.<name>`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AwsPoolConfig {
-    /// The security groups the pool's rules go to; skips discovery.
+    /// The security groups the pool's rules go to; skips discovery. With several, the rules
+    /// are spread over them (each rule on one group, filled in this order): every node of the
+    /// pool must carry all of them.
     #[serde(default)]
     pub security_group_ids: Vec<String>,
 }
@@ -68,7 +95,10 @@ mod tests {
             "retry": {"maxAttempts": 3}
         }))
         .unwrap();
-        assert_eq!(c.rule_quota, 120);
+        assert_eq!(c.rule_quota, Some(120));
+        assert!(c.read_rule_quota);
+        assert_eq!(c.pool_group_tag_key, "nodeport-firewall.io/pool");
+        assert_eq!(AwsConfig::default().rule_quota, None);
         assert_eq!(c.retry.max_attempts, 3);
         assert_eq!(c.resolution_cache_seconds, 300);
         assert!(serde_json::from_value::<AwsConfig>(serde_json::json!({"regoin": "x"})).is_err());

@@ -70,7 +70,10 @@ pub struct NodeGroups {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct GroupInfo {
     pub name: String,
+    /// Carries the cluster tag key (`clusterTagKey`).
     pub tagged: bool,
+    /// The value of its `poolGroupTagKey` tag: the pool it is given to.
+    pub pool: Option<String>,
 }
 
 fn discovery(message: String) -> Error {
@@ -92,8 +95,10 @@ fn describe(id: &str, info: &BTreeMap<String, GroupInfo>) -> String {
     }
 }
 
-/// Chooses the pool's security group: per node, the one tagged `tag_key` or the only one;
-/// then every node must agree.
+/// Chooses the pool's security groups: per node, every group given to the pool by its
+/// `poolGroupTagKey` tag (the pool's rules are then spread over them), else the one tagged
+/// `tag_key`, else the only one; then every node must agree, so that a rule on any of the
+/// groups is in force on every node of the pool.
 pub fn choose(
     pool: &PoolName,
     tag_key: &str,
@@ -108,6 +113,22 @@ pub fn choose(
     let mut choices: BTreeMap<Vec<String>, Vec<&NodeGroups>> = BTreeMap::new();
     let mut ambiguous: Vec<(&NodeGroups, Vec<&String>)> = Vec::new();
     for n in nodes {
+        let mut given: Vec<String> = n
+            .groups
+            .iter()
+            .filter(|g| {
+                info.get(*g)
+                    .is_some_and(|i| i.pool.as_deref() == Some(pool.as_str()))
+            })
+            .cloned()
+            .collect();
+        if !given.is_empty() {
+            // Sorted by id: the order the rules fill them in, the same on every node.
+            given.sort();
+            given.dedup();
+            choices.entry(given).or_default().push(n);
+            continue;
+        }
         let tagged: Vec<&String> = n
             .groups
             .iter()
@@ -303,6 +324,7 @@ mod tests {
                     GroupInfo {
                         name: format!("name-{g}"),
                         tagged: tagged.contains(g),
+                        pool: None,
                     },
                 )
             })
@@ -376,6 +398,45 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("outliers: c (i-c) -> sg-3"), "{e}");
+    }
+
+    /// Groups tagged `<poolGroupTagKey>=<pool>` are all the pool's, sorted by id, and win
+    /// over the cluster tag; nodes that do not all carry the same ones are refused.
+    #[test]
+    fn groups_given_to_the_pool_by_tag_are_all_chosen() {
+        let pool = PoolName::new("web");
+        let mut inf = info(&["sg-1"], &["sg-1", "sg-2", "sg-3", "sg-4"]);
+        for (g, p) in [("sg-3", "web"), ("sg-2", "web"), ("sg-4", "batch")] {
+            inf.get_mut(g).unwrap().pool = Some(p.into());
+        }
+        let all = ["sg-4", "sg-3", "sg-1", "sg-2"];
+        assert_eq!(
+            choose(&pool, "k", &[ng("a", &all), ng("b", &all)], &inf).unwrap(),
+            vec!["sg-2", "sg-3"]
+        );
+        // Another pool's group alone: the cluster tag decides as before.
+        assert_eq!(
+            choose(
+                &PoolName::new("gpu"),
+                "k",
+                &[ng("a", &["sg-1", "sg-4"])],
+                &inf
+            )
+            .unwrap(),
+            vec!["sg-1"]
+        );
+        let e = choose(
+            &pool,
+            "k",
+            &[ng("a", &all), ng("b", &all), ng("c", &["sg-1", "sg-2"])],
+            &inf,
+        )
+        .unwrap_err();
+        assert!(
+            e.message
+                .contains("most use sg-2 (name-sg-2),sg-3 (name-sg-3), outliers: c (i-c) -> sg-2"),
+            "{e}"
+        );
     }
 
     #[test]

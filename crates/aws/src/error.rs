@@ -7,16 +7,19 @@ use nodeport_firewall_provider::{Error, ErrorKind};
 pub fn kind_of_code(code: &str) -> ErrorKind {
     match code {
         "RequestLimitExceeded"
+        | "TooManyRequestsException"
         | "Throttling"
         | "ThrottlingException"
         | "RequestThrottled"
         | "SlowDown" => ErrorKind::Throttled,
-        "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable" => {
-            ErrorKind::Transient
-        }
-        "UnauthorizedOperation" | "AuthFailure" | "AccessDenied" | "Blocked" | "OptInRequired" => {
-            ErrorKind::PermissionDenied
-        }
+        "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable"
+        | "ServiceException" => ErrorKind::Transient,
+        "UnauthorizedOperation"
+        | "AuthFailure"
+        | "AccessDenied"
+        | "AccessDeniedException"
+        | "Blocked"
+        | "OptInRequired" => ErrorKind::PermissionDenied,
         "RulesPerSecurityGroupLimitExceeded" | "SecurityGroupLimitExceeded" => {
             ErrorKind::QuotaExceeded
         }
@@ -24,7 +27,8 @@ pub fn kind_of_code(code: &str) -> ErrorKind {
         "InvalidGroup.NotFound"
         | "InvalidSecurityGroupRuleId.NotFound"
         | "InvalidPermission.NotFound"
-        | "InvalidInstanceID.NotFound" => ErrorKind::NotFound,
+        | "InvalidInstanceID.NotFound"
+        | "NoSuchResourceException" => ErrorKind::NotFound,
         c if c.starts_with("InvalidParameter")
             || c.starts_with("MissingParameter")
             || c.ends_with(".Malformed") =>
@@ -35,8 +39,17 @@ pub fn kind_of_code(code: &str) -> ErrorKind {
     }
 }
 
-/// Maps one SDK error of operation `op`.
+/// Maps one SDK error of EC2 operation `op`.
 pub fn map_sdk_error<E>(op: &str, err: SdkError<E>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    map_sdk_error_of("EC2", op, err)
+}
+
+/// Maps one SDK error of operation `op` of `api` (`EC2`, `Service Quotas`: both SDKs share
+/// the smithy error types).
+pub fn map_sdk_error_of<E>(api: &str, op: &str, err: SdkError<E>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
@@ -50,11 +63,11 @@ where
     {
         // One line that says what was tried and how to fix it, and no retries: waiting does
         // not make credentials appear.
-        return Error::new(ErrorKind::PermissionDenied, no_credentials(op));
+        return Error::new(ErrorKind::PermissionDenied, no_credentials(api, op));
     }
     match &err {
         SdkError::TimeoutError(_) => {
-            Error::new(ErrorKind::Transient, format!("EC2 {op}: timed out"))
+            Error::new(ErrorKind::Transient, format!("{api} {op}: timed out"))
         }
         SdkError::DispatchFailure(d) => {
             // The connector error's Display chain, not its Debug dump: the latter spells out
@@ -77,13 +90,13 @@ where
             }
             Error::new(
                 ErrorKind::Transient,
-                format!("EC2 {op}: request not delivered: {text}"),
+                format!("{api} {op}: request not delivered: {text}"),
             )
         }
         SdkError::ConstructionFailure(_) => Error::new(
             ErrorKind::Invalid,
             format!(
-                "EC2 {op}: cannot build the request: {}",
+                "{api} {op}: cannot build the request: {}",
                 nodeport_firewall_provider::error::chain(&err)
             ),
         ),
@@ -97,7 +110,7 @@ where
             };
             let text = message.unwrap_or_else(|| nodeport_firewall_provider::error::chain(&err));
             let status = status.map(|s| format!(" (HTTP {s})")).unwrap_or_default();
-            let e = Error::new(kind, format!("EC2 {op}: {text}{status}"));
+            let e = Error::new(kind, format!("{api} {op}: {text}{status}"));
             match code {
                 Some(c) => e.with_code(c),
                 None => e,
@@ -118,9 +131,9 @@ pub fn is_missing_credentials(chain: &str) -> bool {
 }
 
 /// The message for missing credentials: the chain the SDK tried, and the fixes.
-pub fn no_credentials(op: &str) -> String {
+pub fn no_credentials(api: &str, op: &str) -> String {
     format!(
-        "EC2 {op}: no AWS credentials: the default chain (environment variables, AWS_PROFILE and the shared config files, a web identity token (IRSA), EKS Pod Identity, the ECS container endpoint, the instance metadata service) found none. Fix: in a cluster, give the operator's ServiceAccount an IAM role with IRSA or EKS Pod Identity (docs/install.md); elsewhere set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        "{api} {op}: no AWS credentials: the default chain (environment variables, AWS_PROFILE and the shared config files, a web identity token (IRSA), EKS Pod Identity, the ECS container endpoint, the instance metadata service) found none. Fix: in a cluster, give the operator's ServiceAccount an IAM role with IRSA or EKS Pod Identity (docs/install.md); elsewhere set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
     )
 }
 
@@ -147,7 +160,7 @@ mod tests {
         ] {
             assert_eq!(is_missing_credentials(chain), want, "{chain}");
         }
-        assert!(no_credentials("DescribeSecurityGroups").contains("IRSA"));
+        assert!(no_credentials("EC2", "DescribeSecurityGroups").contains("IRSA"));
     }
 
     #[test]
@@ -165,6 +178,10 @@ mod tests {
             ("InternalError", ErrorKind::Transient),
             ("InvalidParameterValue", ErrorKind::Invalid),
             ("InvalidGroupId.Malformed", ErrorKind::Invalid),
+            ("AccessDeniedException", ErrorKind::PermissionDenied),
+            ("NoSuchResourceException", ErrorKind::NotFound),
+            ("TooManyRequestsException", ErrorKind::Throttled),
+            ("ServiceException", ErrorKind::Transient),
             ("SomethingNew", ErrorKind::Other),
         ] {
             assert_eq!(kind_of_code(code), kind, "{code}");

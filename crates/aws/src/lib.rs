@@ -7,8 +7,9 @@
 //! provider-neutral [`Error`]. No SDK type leaves this crate.
 //!
 //! The modules, one idea each: `client` makes the EC2 calls, `wire` maps EC2 rules to and
-//! from the neutral model, `resolve` finds a pool's security groups, `apply` carries out a
-//! plan, and `preflight` checks permissions with `DryRun`.
+//! from the neutral model, `resolve` finds a pool's security groups, `quota` reads the rule
+//! quota from Service Quotas, `render` gives long Service lists their digest, `apply`
+//! carries out a plan, and `preflight` checks permissions with `DryRun`.
 
 mod apply;
 mod client;
@@ -19,6 +20,8 @@ pub mod error;
 mod fuzz;
 pub mod marker;
 mod preflight;
+pub mod quota;
+pub mod render;
 mod resolve;
 pub mod stats;
 mod wire;
@@ -32,7 +35,7 @@ use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use nodeport_firewall_model::{
-    Config, Limits, Observation, PoolTarget, Render, ShapeRenderer, Target, TargetPlan,
+    Config, Limits, Observation, PoolTarget, Render, Target, TargetPlan,
 };
 use nodeport_firewall_provider::{
     ApplyFailure, ApplyReport, Error, ErrorKind, PoolView, Provider, Result, RetryPolicy,
@@ -66,9 +69,11 @@ pub struct AwsProvider {
     config: AwsConfig,
     tag_key: String,
     client: aws_sdk_ec2::Client,
+    quotas: aws_sdk_servicequotas::Client,
     retry: RetryPolicy,
-    renderer: ShapeRenderer,
+    renderer: render::AwsRenderer,
     resolutions: Mutex<HashMap<CacheKey, (Instant, Vec<String>)>>,
+    quota_cache: quota::QuotaCache,
     stats: CallStats,
 }
 
@@ -99,7 +104,7 @@ impl AwsProvider {
         credentials: Option<StaticCredentials>,
     ) -> Result<Self> {
         let config: AwsConfig = PoolView::section(section, NAME)?;
-        if config.rule_quota == 0 || config.max_rules_per_call == 0 {
+        if config.rule_quota == Some(0) || config.max_rules_per_call == 0 {
             return Err(Error::new(
                 ErrorKind::Config,
                 "aws: ruleQuota and maxRulesPerCall must be at least 1",
@@ -139,6 +144,13 @@ impl AwsProvider {
             ));
         }
         let client = aws_sdk_ec2::Client::new(&sdk);
+        // Service Quotas at `endpointUrl` too unless it has its own: a test server answers
+        // both, a VPC endpoint only its own service.
+        let mut quotas = aws_sdk_servicequotas::config::Builder::from(&sdk);
+        if let Some(url) = &config.service_quotas_endpoint_url {
+            quotas = quotas.endpoint_url(url.clone());
+        }
+        let quotas = aws_sdk_servicequotas::Client::from_conf(quotas.build());
         let tag_key = config
             .cluster_tag_key
             .clone()
@@ -149,8 +161,10 @@ impl AwsProvider {
             config,
             tag_key,
             client,
-            renderer: ShapeRenderer::unnamed(),
+            quotas,
+            renderer: render::AwsRenderer::new(),
             resolutions: Mutex::new(HashMap::new()),
+            quota_cache: quota::QuotaCache::default(),
             stats: CallStats::new(stats::kind),
         })
     }
@@ -164,10 +178,16 @@ impl AwsProvider {
         &self.config
     }
 
-    /// The limits of every security group, from the config.
+    /// The limits of every security group, with the rule quota from the config alone
+    /// (`ruleQuota`, else EC2's default); [`AwsProvider::observe`] plans against the quota
+    /// read from Service Quotas ([`AwsProvider::rule_quota`]).
     pub fn limits(&self) -> Limits {
         Limits {
-            max_rules: Some(self.config.rule_quota),
+            max_rules: Some(
+                self.config
+                    .rule_quota
+                    .unwrap_or(config::EC2_DEFAULT_RULE_QUOTA),
+            ),
             rules_counted_per_family: true,
             max_ports_per_rule: 1,
             max_sources_per_rule: 1,
@@ -210,7 +230,13 @@ impl Provider for AwsProvider {
             .filter(|r| r.group_id().is_none_or(|g| g == group))
             .map(|r| self.to_observed(r))
             .collect();
-        Ok(Observation::new(rules, self.limits()))
+        let quota = self.rule_quota().await;
+        let mut limits = self.limits();
+        limits.max_rules = Some(quota.value);
+        limits.max_rules_reason = quota.reason;
+        let mut observation = Observation::new(rules, limits);
+        observation.warnings.extend(quota.warning);
+        Ok(observation)
     }
 
     /// The security groups holding rules of ours, from one `DescribeSecurityGroupRules`

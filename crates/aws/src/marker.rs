@@ -1,11 +1,19 @@
-//! The ownership marker of a rule: tags for ownership and pools, the description (or tags,
-//! when it does not fit) for the Services served.
+//! The ownership marker of a rule: tags for ownership and pools, the description for the
+//! Services served.
 //!
 //! Tags written through `TagSpecifications` are the same for every rule created by one
-//! authorize call, while an `IpRange` description is per rule. So the per-rule list of
-//! Services goes into the description, where one call can carry a different list for each
-//! rule; only a list too long for 255 characters goes into tags, with its rule authorized in
-//! a call of its own.
+//! authorize call, and `CreateTags` writes one tag set on all the rules it names, while an
+//! `IpRange` description is per rule. So everything that differs between rules goes into
+//! the description, and one authorize call creates all the new rules of a security group
+//! (that serve the same pools), whatever their Services. A list too long for 255 characters
+//! is cut: the description then holds the count, a digest of the whole list and the first
+//! Services that fit, `services=[125 digest=0123456789abcdef] apps/a,apps/b,...`. The
+//! planner recognises such a rule by rendering the digest of the rule it wants
+//! ([`crate::render::AwsRenderer`]).
+//!
+//! Earlier versions put a long list in `nodeport-firewall.io/services` (`.1`, `.2` ...)
+//! tags, with the description `services=[N in tags]`; such rules are still read (fully
+//! listed), and their list tags are deleted when the rule's marker is next rewritten.
 
 use nodeport_firewall_model::{PoolName, PoolSet, ServiceRef, ServiceSet};
 
@@ -38,13 +46,37 @@ pub fn sanitize_description(s: &str) -> String {
         .collect()
 }
 
-/// The metadata written with one rule.
+/// The metadata written with one rule, besides the common tags.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Marker {
     pub description: String,
-    /// Tags beyond the common ones (managed-by, cluster, pools): the Services, when they do
-    /// not fit the description.
+    /// The digest of the Service list, when the description could not hold it all.
+    pub digest: Option<String>,
+    /// The Service list in tags, only when not even the digest fits the description (a
+    /// cluster name of some 200 characters): such a rule needs an authorize call of its own.
     pub service_tags: Vec<(String, String)>,
+}
+
+/// Hex characters of a list digest (64 bits of SHA-256).
+const DIGEST_HEX: usize = 16;
+
+/// The digest of a Service list, as a cut marker carries it.
+pub fn services_digest(list: &[String]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (i, s) in list.iter().enumerate() {
+        if i > 0 {
+            h.update(b",");
+        }
+        h.update(s.as_bytes());
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    h.finalize()
+        .iter()
+        .take(DIGEST_HEX / 2)
+        .flat_map(|b| [HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]])
+        .map(char::from)
+        .collect()
 }
 
 /// The tags every rule of this cluster carries.
@@ -124,16 +156,58 @@ pub fn marker(cluster: &str, services: &ServiceSet) -> Marker {
     if inline.len() <= MAX_DESCRIPTION && inline.chars().all(allowed) {
         return Marker {
             description: inline,
+            digest: None,
             service_tags: Vec::new(),
         };
     }
-    Marker {
-        description: sanitize_description(&format!(
-            "{DESCRIPTION_PREFIX}{cluster}{SERVICES_PART}[{} in tags]",
-            list.len()
-        )),
-        service_tags: chunk_tags(TAG_SERVICES, list),
+    let digest = services_digest(&list);
+    let mut description = sanitize_description(&format!(
+        "{DESCRIPTION_PREFIX}{cluster}{SERVICES_PART}[{} digest={digest}]",
+        list.len()
+    ));
+    let head = description_head(cluster);
+    let holds_digest = description
+        .strip_prefix(head.as_str())
+        .and_then(cut_list)
+        .is_some_and(|(d, _)| d == digest);
+    if !holds_digest {
+        return Marker {
+            description: sanitize_description(&format!(
+                "{DESCRIPTION_PREFIX}{cluster}{SERVICES_PART}[{} in tags]",
+                list.len()
+            )),
+            digest: None,
+            service_tags: chunk_tags(TAG_SERVICES, list),
+        };
     }
+    // The first Services that fit, whole, for people reading the rule in the console; the
+    // digest is what the planner goes by.
+    let mut sep = ' ';
+    for s in &list {
+        if description.len() + 1 + s.len() > MAX_DESCRIPTION || !s.chars().all(allowed) {
+            break;
+        }
+        description.push(sep);
+        description.push_str(s);
+        sep = ',';
+    }
+    Marker {
+        description,
+        digest: Some(digest),
+        service_tags: Vec::new(),
+    }
+}
+
+/// The digest in a cut list, `[<count> digest=<hex>] ...`, and the Services listed after it.
+fn cut_list(listed: &str) -> Option<(String, &str)> {
+    let inner = listed.strip_prefix('[')?;
+    let (head, rest) = inner.split_once(']')?;
+    let (count, digest) = head.split_once(" digest=")?;
+    let valid = !count.is_empty()
+        && count.chars().all(|c| c.is_ascii_digit())
+        && digest.len() == DIGEST_HEX
+        && digest.chars().all(|c| c.is_ascii_hexdigit());
+    valid.then(|| (digest.to_string(), rest.strip_prefix(' ').unwrap_or(rest)))
 }
 
 /// What a rule's tags and description say about its owner and what it serves.
@@ -145,6 +219,9 @@ pub struct Parsed {
     pub pools: PoolSet,
     /// The Services/pools list tags present, so that stale ones can be deleted.
     pub list_tag_keys: Vec<String>,
+    /// The digest of the full Service list, when the description holds only its start
+    /// (`services` then holds only the Services listed).
+    pub digest: Option<String>,
 }
 
 /// Reads the marker of an observed rule.
@@ -173,18 +250,25 @@ pub fn parse<'a>(
         return Parsed::default();
     }
     let from_tags = list_from_tags(tags.clone(), TAG_SERVICES);
+    let split = |l: &str| -> Vec<String> {
+        l.split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let mut digest = None;
     let service_names: Vec<String> = if tags
         .clone()
         .into_iter()
         .any(|(k, _)| is_list_tag(k, TAG_SERVICES))
     {
+        // An earlier version's list in tags: the whole list.
         from_tags
+    } else if let Some((d, names)) = cut_list(listed) {
+        digest = Some(d);
+        split(names)
     } else {
-        listed
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect()
+        split(listed)
     };
     let services = service_names
         .iter()
@@ -204,6 +288,7 @@ pub fn parse<'a>(
         services,
         pools,
         list_tag_keys,
+        digest,
     }
 }
 
@@ -226,7 +311,7 @@ mod tests {
         let pools: PoolSet = [PoolName::new("a"), PoolName::new("b")].into();
         let services = svcs(3, "default");
         let m = marker("c1", &services);
-        assert!(m.service_tags.is_empty());
+        assert_eq!(m.digest, None);
         assert!(m.description.len() <= MAX_DESCRIPTION);
         let tags = common_tags("c1", &pools);
         let p = parse("c1", as_pairs(&tags), Some(&m.description));
@@ -236,18 +321,90 @@ mod tests {
     }
 
     #[test]
-    fn long_lists_go_in_tags_and_round_trip() {
+    fn long_lists_are_cut_with_a_digest_and_no_tags() {
         let pools: PoolSet = [PoolName::new("a")].into();
         let services = svcs(300, "a-rather-long-namespace");
         let m = marker("c1", &services);
-        assert!(m.service_tags.len() > 1);
-        assert!(m.service_tags.iter().all(|(_, v)| v.len() <= MAX_TAG_VALUE));
+        assert!(m.service_tags.is_empty());
+        let digest = m.digest.clone().unwrap();
+        assert_eq!(digest.len(), DIGEST_HEX);
+        assert!(m.description.len() <= MAX_DESCRIPTION, "{}", m.description);
         assert!(m.description.chars().all(allowed));
-        let mut tags = common_tags("c1", &pools);
-        tags.extend(m.service_tags.clone());
+        assert!(
+            m.description
+                .starts_with(&format!("nodeport-firewall cluster=c1 services=[300 digest={digest}] a-rather-long-namespace/service-0,")),
+            "{}",
+            m.description
+        );
+        let tags = common_tags("c1", &pools);
         let p = parse("c1", as_pairs(&tags), Some(&m.description));
+        assert!(p.owned);
+        assert_eq!(p.digest.as_deref(), Some(digest.as_str()));
+        assert!(!p.services.is_empty() && p.services.len() < 300);
+        assert!(p.services.iter().all(|s| services.contains(s)));
+        // One Service more or less, or another name: another digest.
+        let other: ServiceSet = services
+            .iter()
+            .cloned()
+            .chain([ServiceRef::new("x", "y")])
+            .collect();
+        assert_ne!(marker("c1", &other).digest, m.digest);
+        assert_eq!(marker("c1", &services).digest, m.digest, "deterministic");
+    }
+
+    /// A cluster name so long that not even the digest fits: the list goes to tags.
+    #[test]
+    fn a_cluster_name_too_long_for_the_digest_puts_the_list_in_tags() {
+        let cluster = "c".repeat(230);
+        let services = svcs(2, "default");
+        let m = marker(&cluster, &services);
+        assert_eq!(m.digest, None);
+        assert!(!m.service_tags.is_empty());
+        let mut tags = common_tags(&cluster, &PoolSet::default());
+        tags.extend(m.service_tags.clone());
+        let p = parse(&cluster, as_pairs(&tags), Some(&m.description));
+        assert!(p.owned);
         assert_eq!(p.services, services);
-        assert_eq!(p.list_tag_keys.len(), m.service_tags.len() + 1);
+    }
+
+    /// Rules written by earlier versions, with the list in tags, read as fully listed.
+    #[test]
+    fn lists_in_tags_of_earlier_versions_still_read() {
+        let services = svcs(300, "a-rather-long-namespace");
+        let mut tags = common_tags("c1", &[PoolName::new("a")].into());
+        tags.extend(chunk_tags(
+            TAG_SERVICES,
+            services.iter().map(ToString::to_string),
+        ));
+        let p = parse(
+            "c1",
+            as_pairs(&tags),
+            Some("nodeport-firewall cluster=c1 services=[300 in tags]"),
+        );
+        assert!(p.owned);
+        assert_eq!(p.services, services);
+        assert_eq!(p.digest, None);
+        assert!(p.list_tag_keys.len() > 2);
+    }
+
+    #[test]
+    fn only_well_formed_cut_lists_carry_a_digest() {
+        for (listed, digest) in [
+            ("[3 digest=0123456789abcdef] a/b", Some("0123456789abcdef")),
+            ("[3 digest=0123456789abcdef]", Some("0123456789abcdef")),
+            ("[3 digest=0123456789abcde] a/b", None),
+            ("[3 digest=0123456789abcdeg] a/b", None),
+            ("[x digest=0123456789abcdef] a/b", None),
+            ("[3 in tags]", None),
+            ("a/b,c/d", None),
+            ("[", None),
+        ] {
+            assert_eq!(
+                cut_list(listed).map(|(d, _)| d).as_deref(),
+                digest,
+                "{listed}"
+            );
+        }
     }
 
     #[test]
@@ -313,13 +470,17 @@ mod tests {
         let services = svcs(2, "default");
         for cluster in ["prod eu", "café", &"c".repeat(300), "a\"b"] {
             let tags = common_tags(cluster, &PoolSet::default());
-            let mut all = tags.clone();
             let m = marker(cluster, &services);
-            all.extend(m.service_tags.clone());
             assert!(m.description.chars().all(allowed), "{cluster}");
+            let mut all = tags.clone();
+            all.extend(m.service_tags.clone());
             let p = parse(cluster, as_pairs(&all), Some(&m.description));
             assert!(p.owned, "{cluster}: {}", m.description);
-            assert_eq!(p.services, services, "{cluster}");
+            // What the description cannot list, the digest stands for.
+            match &m.digest {
+                None => assert_eq!(p.services, services, "{cluster}"),
+                Some(d) => assert_eq!(p.digest.as_ref(), Some(d), "{cluster}"),
+            }
         }
     }
 

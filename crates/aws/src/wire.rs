@@ -8,7 +8,9 @@ use aws_sdk_ec2::types::{
     SecurityGroupRuleUpdate, Tag, TagSpecification,
 };
 use ipnet::IpNet;
-use nodeport_firewall_model::{IpFamily, ObservedRule, PortRange, Protocol, Rule, RuleContent};
+use nodeport_firewall_model::{
+    IpFamily, MarkerDigest, ObservedRule, PortRange, Protocol, Rule, RuleContent,
+};
 use nodeport_firewall_provider::Result;
 
 use crate::{AwsProvider, invalid, marker};
@@ -96,6 +98,15 @@ pub(crate) fn observed(cluster: &str, r: &SecurityGroupRule) -> ObservedRule {
             Default::default()
         },
     };
+    // A cut Service list is known by its digest; the pools are always listed in full.
+    let digest = parsed
+        .digest
+        .clone()
+        .filter(|_| owned)
+        .map(|value| MarkerDigest {
+            value,
+            pools_listed: true,
+        });
     let payload = owned
         .then(|| {
             serde_json::to_value(Written {
@@ -107,6 +118,7 @@ pub(crate) fn observed(cluster: &str, r: &SecurityGroupRule) -> ObservedRule {
         .flatten();
     ObservedRule {
         payload,
+        digest,
         ..ObservedRule::new(r.security_group_rule_id().map(str::to_string), rule, owned)
     }
 }

@@ -3,7 +3,7 @@
 //! the condition operators they use: `ForAllValues` is true when the request has no value
 //! for the key, `ForAnyValue` is false then, a negated operator is true for a missing key,
 //! keys within one operator and operators within one condition must all hold. Also: every
-//! EC2 call the provider makes is allowed by the policy.
+//! EC2 and Service Quotas call the provider makes is allowed by the policy.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -310,8 +310,9 @@ fn the_policy_writes_only_rules_of_ours() {
     }
 }
 
-/// Every EC2 operation the provider calls (`self.call("Op", ...)` in crates/aws/src) is in
-/// an Allow statement of the policy.
+/// Every operation the provider calls (`self.call("Op", ...)` for EC2 and
+/// `self.quota_call("Op", ...)` for Service Quotas, in crates/aws/src) is in an Allow
+/// statement of the policy.
 #[test]
 fn the_policy_allows_every_call_the_provider_makes() {
     let p = policy();
@@ -324,16 +325,24 @@ fn the_policy_allows_every_call_the_provider_makes() {
     let mut ops = std::collections::BTreeSet::new();
     for entry in std::fs::read_dir(&src).unwrap() {
         let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-        for part in text.split(".call(\"").skip(1) {
-            let op = part.split('"').next().unwrap();
-            ops.insert(op.trim_start_matches("DryRun:").to_string());
+        for (call, service) in [(".call(\"", "ec2"), (".quota_call(\"", "servicequotas")] {
+            for part in text.split(call).skip(1) {
+                let op = part.split('"').next().unwrap();
+                ops.insert(format!("{service}:{}", op.trim_start_matches("DryRun:")));
+            }
         }
     }
-    assert!(ops.contains("DescribeNetworkInterfaces"), "{ops:?}");
+    for op in [
+        "ec2:DescribeNetworkInterfaces",
+        "servicequotas:GetServiceQuota",
+        "servicequotas:GetAWSDefaultServiceQuota",
+    ] {
+        assert!(ops.contains(op), "{op} not found in {ops:?}");
+    }
     for op in &ops {
         assert!(
-            allowed.contains(&format!("ec2:{op}")),
-            "ec2:{op} is not in deploy/iam/aws-policy.json"
+            allowed.contains(op),
+            "{op} is not in deploy/iam/aws-policy.json"
         );
     }
 }

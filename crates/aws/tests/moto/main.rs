@@ -1,7 +1,9 @@
 //! The AWS provider against moto_server: the conformance suite, discovery, quotas, IPv6,
 //! marker updates, throttling and 5xx injected by a fault proxy; in `measure`, call counts
 //! and the 500-Service measurement (run with `--nocapture` to see the figures); in
-//! `ownership`, spoofed tags, orphan targets and shared security groups.
+//! `ownership`, spoofed tags, orphan targets and shared security groups; in `capacity`, the
+//! rule quota from Service Quotas, pools spread over several groups, writes at the limit and
+//! the capacity benchmarks.
 //!
 //! Every test starts its own moto_server on a free loopback port and talks to it through a
 //! small HTTP proxy that counts EC2 calls per action and security group and injects faults.
@@ -18,9 +20,12 @@ macro_rules! env_or_skip {
     };
 }
 
+mod capacity;
 mod harness;
+mod markers;
 mod measure;
 mod ownership;
+mod proxy;
 
 use std::collections::BTreeSet;
 
@@ -29,9 +34,7 @@ use harness::*;
 use nodeport_firewall_aws::{AwsProvider, marker};
 use nodeport_firewall_provider::conformance::{self, Harness, PoolFixture};
 use nodeport_firewall_provider::engine::{self, ApplyOutcome};
-use nodeport_firewall_provider::model::{
-    IpFamily, NodeSpec, PlanError, PoolName, ServiceRef, ServiceSpec,
-};
+use nodeport_firewall_provider::model::{IpFamily, NodeSpec, PlanError, PoolName, ServiceSpec};
 use nodeport_firewall_provider::{Action, ErrorKind, PoolView, Provider, Rule, Target};
 
 // ---------------------------------------------------------------------------------------
@@ -367,90 +370,6 @@ async fn ipv6_rules_and_service_removal() {
     let after: BTreeSet<String> = env.raw_rules(&sg).await.into_iter().map(|r| r.0).collect();
     let before: BTreeSet<String> = raw.iter().map(|r| r.0.clone()).collect();
     assert_eq!(after, before.difference(&dual_ids).cloned().collect());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn marker_updates_in_place_and_long_service_lists() {
-    let env = env_or_skip!();
-    let p = env.provider().await;
-    let (pool, sg, nodes) = env.pool("marker").await;
-    let config = config_for(&[&pool]);
-
-    // A Service replaced by another on the same port and sources: same content, new marker.
-    let first = plan(&p, &config, &[svc("old", 30100, "10.0.0.0/8")], &nodes).await;
-    apply_ok(&p, &first).await;
-    let id_before = env.raw_rules(&sg).await[0].0.clone();
-    let swap = plan(&p, &config, &[svc("new", 30100, "10.0.0.0/8")], &nodes).await;
-    assert_eq!(swap.summary.update, 1, "{:#?}", swap.targets[0].changes);
-    env.proxy.reset();
-    apply_ok(&p, &swap).await;
-    assert_eq!(
-        env.proxy.per_group(&sg).1,
-        1,
-        "one ModifySecurityGroupRules: {:?}",
-        env.proxy.calls()
-    );
-    let obs = p.observe(&Target::new("aws", &sg)).await.unwrap();
-    assert_eq!(obs.rules.len(), 1);
-    assert_eq!(
-        obs.rules[0].id.as_deref(),
-        Some(id_before.as_str()),
-        "same rule kept"
-    );
-    assert_eq!(
-        obs.rules[0].rule.services,
-        [ServiceRef::new("apps", "new")].into_iter().collect()
-    );
-
-    // 12 Services on contiguous ports with one allowlist: one rule whose Service list does
-    // not fit the description, so it goes to tags; it round-trips.
-    let many: Vec<ServiceSpec> = (0..12)
-        .map(|i| {
-            svc(
-                &format!("a-fairly-long-service-name-{i:02}"),
-                30200 + i,
-                "10.0.0.0/8",
-            )
-        })
-        .collect();
-    let big = plan(&p, &config, &many, &nodes).await;
-    apply_ok(&p, &big).await;
-    let again = plan(&p, &config, &many, &nodes).await;
-    assert_eq!(writes(&again), 0, "{:#?}", again.targets[0].changes);
-    let range_rule = |raw: Vec<RawRule>| raw.into_iter().find(|r| r.2 == 30200).unwrap();
-    let tagged = range_rule(env.raw_rules(&sg).await);
-    assert!(
-        tagged.5.contains_key(marker::TAG_SERVICES),
-        "{:?}",
-        tagged.5
-    );
-    assert_eq!(tagged.3, 30211, "one rule for the contiguous range");
-
-    // Rename one of them (same port): tags rewritten in place, same rule id.
-    let mut renamed = many.clone();
-    renamed[0] = svc("renamed-service", 30200, "10.0.0.0/8");
-    let upd = plan(&p, &config, &renamed, &nodes).await;
-    assert_eq!(upd.summary.update, 1, "{:#?}", upd.targets[0].changes);
-    apply_ok(&p, &upd).await;
-    assert_eq!(writes(&plan(&p, &config, &renamed, &nodes).await), 0);
-    assert_eq!(range_rule(env.raw_rules(&sg).await).0, tagged.0);
-
-    // Short names on the same ports: the list fits the description again and the stale
-    // service tags are deleted.
-    let short: Vec<ServiceSpec> = (0..12)
-        .map(|i| svc(&format!("s{i:02}"), 30200 + i, "10.0.0.0/8"))
-        .collect();
-    let shrink = plan(&p, &config, &short, &nodes).await;
-    assert_eq!(shrink.summary.update, 1, "{:#?}", shrink.targets[0].changes);
-    apply_ok(&p, &shrink).await;
-    assert_eq!(writes(&plan(&p, &config, &short, &nodes).await), 0);
-    let r = range_rule(env.raw_rules(&sg).await);
-    assert_eq!(r.0, tagged.0);
-    assert!(
-        !r.5.keys().any(|k| k.starts_with(marker::TAG_SERVICES)),
-        "stale service tags: {:?}",
-        r.5
-    );
 }
 
 // ---------------------------------------------------------------------------------------
