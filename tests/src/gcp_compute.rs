@@ -14,8 +14,11 @@
 //!   The real API also accepts an allow without targets, which then applies to every
 //!   instance; the server refuses it so that a provider bug cannot hide (a Deny without
 //!   targets is accepted);
-//! - a per-project rule quota gives 403 `quotaExceeded` (`Quota 'FIREWALLS' exceeded`) with
-//!   an ErrorInfo `QUOTA_EXCEEDED` and a Help link in `details`, as Compute does;
+//! - a per-project rule quota (`FIREWALLS`, over every network of the project; 1000 unless
+//!   a test sets it) gives 403 `quotaExceeded` (`Quota 'FIREWALLS' exceeded`) with an
+//!   ErrorInfo `QUOTA_EXCEEDED` and a Help link in `details`, as Compute does, and
+//!   `projects.get` reports it in `quotas[]` with its usage ([`project`]); a project can
+//!   refuse `projects.get` (403, `compute.projects.get` missing);
 //! - a project can forbid writes (403 `forbidden`), standing in for a Shared VPC host
 //!   project;
 //! - 429 / 5xx can be injected, and a response can be lost after the write was made; an
@@ -39,6 +42,7 @@ use rules::{RuleLimits, strings, validate};
 
 mod errors;
 mod filter;
+mod project;
 mod rules;
 
 pub use rules::valid_name;
@@ -73,8 +77,10 @@ struct Op {
 #[derive(Debug, Default)]
 struct Project {
     firewalls: BTreeMap<String, Value>,
+    /// The `FIREWALLS` limit; `None`: [`project::DEFAULT_FIREWALL_QUOTA`].
     quota: Option<usize>,
     forbid_writes: bool,
+    forbid_project_get: bool,
     operations: HashMap<String, Op>,
     request_ids: HashMap<String, String>,
     /// zone -> name -> instance
@@ -234,9 +240,15 @@ impl ComputeServer {
         self.with(|s| s.project(project).firewalls.clone())
     }
 
-    /// A per-project quota on the number of rules (`None`: no quota).
+    /// The project's `FIREWALLS` quota: the rules it may hold over all its networks, as
+    /// inserts and `projects.get` see it (`None`: the default, 1000).
     pub fn set_quota(&self, project: &str, quota: Option<usize>) {
         self.with(|s| s.project(project).quota = quota);
+    }
+
+    /// `projects.get` on `project` gets 403: the credentials lack `compute.projects.get`.
+    pub fn forbid_project_get(&self, project: &str, forbid: bool) {
+        self.with(|s| s.project(project).forbid_project_get = forbid);
     }
 
     /// Writes to `project` get 403 `forbidden`, as in a Shared VPC host project.
@@ -505,6 +517,7 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Reply {
     let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
     let mut s = state.lock().unwrap();
     let (op_name, project) = match (method.clone(), parts.as_slice()) {
+        (Method::GET, [p]) => ("projects.get", *p),
         (Method::GET, [p, "global", "firewalls"]) => ("firewalls.list", *p),
         (Method::POST, [p, "global", "firewalls"]) => ("firewalls.insert", *p),
         (Method::GET, [p, "global", "firewalls", _]) => ("firewalls.get", *p),
@@ -542,6 +555,16 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Reply {
         };
     }
     match (op_name, parts.as_slice()) {
+        ("projects.get", _) => {
+            let id = s.id();
+            let p = s.project(&project);
+            if p.forbid_project_get {
+                return error_reply(project::forbidden(&project));
+            }
+            let limit = p.quota.unwrap_or(project::DEFAULT_FIREWALL_QUOTA);
+            let body = project::project_json(&project, id, limit, p.firewalls.len());
+            reply(StatusCode::OK, &body, &[])
+        }
         ("firewalls.list", _) => {
             let Some(filter) = filter::parse(q.get("filter").map(String::as_str).unwrap_or(""))
             else {
@@ -782,9 +805,8 @@ fn write(
                 ));
             }
             let p = s.project(project);
-            if let Some(quota) = p.quota
-                && p.firewalls.len() >= quota
-            {
+            let quota = p.quota.unwrap_or(project::DEFAULT_FIREWALL_QUOTA);
+            if p.firewalls.len() >= quota {
                 return Err(errors::quota_exceeded(project, quota));
             }
             target_id = fw["id"].as_str().and_then(|i| i.parse().ok()).unwrap_or(0);

@@ -12,7 +12,8 @@
 //! maps Compute rules to and from the neutral model, `resolve` finds a pool's target,
 //! `apply` carries out a plan, `preflight` checks permissions, `network_admin` knows
 //! when a network admin must make the writes (Shared VPC, 403) and what they run, `deny`
-//! reads what a Deny rule may block, and `orphans` finds the targets holding rules of ours.
+//! reads what a Deny rule may block, `orphans` finds the targets holding rules of ours,
+//! and `quota` computes the room the project's `FIREWALLS` quota leaves a target.
 
 mod apply;
 mod client;
@@ -26,17 +27,19 @@ pub mod marker;
 mod network_admin;
 mod orphans;
 mod preflight;
+mod project_quota;
+mod quota;
 pub mod render;
 mod resolve;
 pub mod stats;
 mod wire;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use google_cloud_compute_v1::client::{Firewalls, Instances};
+use google_cloud_compute_v1::client::{Firewalls, Instances, Projects};
 use nodeport_firewall_model::{
     Config, Limits, ManualSteps, Observation, PoolTarget, Render, Target, TargetPlan,
 };
@@ -69,11 +72,18 @@ pub struct GcpProvider {
     project: String,
     firewalls: Firewalls,
     instances: Instances,
+    projects: Projects,
     retry: RetryPolicy,
     renderer: render::GcpRenderer,
     resolutions: Mutex<HashMap<CacheKey, (Instant, Scope)>>,
     /// Every instance of a project, read once for all pools resolved together.
     instance_cache: tokio::sync::Mutex<HashMap<String, (Instant, Arc<InstanceMap>)>>,
+    /// Each project's `FIREWALLS` quota as last read (or why it could not be): a cloud
+    /// fact shared by the targets of the project within one plan (`project_quota`).
+    quota_cache: tokio::sync::Mutex<HashMap<String, (Instant, project_quota::QuotaRead)>>,
+    /// The networks of each project that the config may write to, from the config of the
+    /// current plan: they split the project's free quota (`quota`).
+    config_networks: Mutex<BTreeMap<String, BTreeSet<String>>>,
     stats: CallStats,
 }
 
@@ -172,13 +182,18 @@ impl GcpProvider {
         let mut inst = Instances::builder()
             .with_retry_policy(google_cloud_gax::retry_policy::NeverRetry)
             .with_attempt_timeout(timeout);
+        let mut proj = Projects::builder()
+            .with_retry_policy(google_cloud_gax::retry_policy::NeverRetry)
+            .with_attempt_timeout(timeout);
         if let Some(endpoint) = &config.endpoint {
             fw = fw.with_endpoint(endpoint.clone());
             inst = inst.with_endpoint(endpoint.clone());
+            proj = proj.with_endpoint(endpoint.clone());
         }
         if let Some(c) = creds {
             fw = fw.with_credentials(c.clone());
-            inst = inst.with_credentials(c);
+            inst = inst.with_credentials(c.clone());
+            proj = proj.with_credentials(c);
         }
         let build_error = |e: google_cloud_gax::client_builder::Error| {
             Error::new(
@@ -190,6 +205,12 @@ impl GcpProvider {
         };
         let firewalls = fw.build().await.map_err(build_error)?;
         let instances = inst.build().await.map_err(build_error)?;
+        let projects = proj.build().await.map_err(build_error)?;
+        // Until a plan hands over the whole config, the default target is the one known.
+        let config_networks = Mutex::new(BTreeMap::from([(
+            project.clone(),
+            BTreeSet::from([config.network.clone()]),
+        )]));
         Ok(GcpProvider {
             cluster: cluster.to_string(),
             retry: config.retry.policy(),
@@ -197,9 +218,12 @@ impl GcpProvider {
             config,
             firewalls,
             instances,
+            projects,
             renderer: render::GcpRenderer::new(),
             resolutions: Mutex::new(HashMap::new()),
             instance_cache: tokio::sync::Mutex::new(HashMap::new()),
+            quota_cache: tokio::sync::Mutex::new(HashMap::new()),
+            config_networks,
             stats: CallStats::new(stats::kind),
         })
     }
@@ -213,7 +237,8 @@ impl GcpProvider {
         &self.config
     }
 
-    /// The limits of every target, from the config.
+    /// The limits of every target, from the config alone (`observe` lowers `max_rules` to
+    /// what the project's quota leaves).
     pub fn limits(&self) -> Limits {
         Limits {
             max_rules: Some(self.config.rule_budget),
@@ -252,20 +277,16 @@ impl Provider for GcpProvider {
         self.resolve_pool(pool).await
     }
 
+    /// One filtered list of the network, then the project's quota (`project_quota`).
     async fn observe(&self, target: &Target) -> Result<Observation> {
-        let (project, network) = Self::split_target(target)?;
-        let filter = format!("network = \"{}\"", Self::network_url(project, network));
-        let rules = self
-            .list_firewalls(project, &filter)
-            .await?
-            .iter()
-            .filter_map(|fw| self.to_observed(fw))
-            .collect();
-        Ok(Observation::new(rules, self.limits()))
+        Ok(self.observe_target(target).await?.0)
     }
 
     /// Targets holding rules of ours, by name prefix in the config's projects (`orphans`).
+    /// Each plan starts here: the config's networks are noted (they split a project's
+    /// quota) and the quotas read by the last plan are forgotten.
     async fn owned_targets(&self, config: &Config) -> Result<Vec<Target>> {
+        self.start_plan(config).await;
         self.find_owned_targets(config).await
     }
 
@@ -278,6 +299,9 @@ impl Provider for GcpProvider {
     }
 
     async fn apply(&self, plan: &TargetPlan) -> std::result::Result<ApplyReport, ApplyFailure> {
-        self.apply_plan(plan).await
+        let result = self.apply_plan(plan).await;
+        // Our writes changed the project's usage: the next read of its quota is fresh.
+        self.forget_quota(&plan.target).await;
+        result
     }
 }

@@ -3,10 +3,11 @@
 //! write permissions are asked of `firewalls.testIamPermissions` on a rule of the network
 //! that carries our name prefix when there is one: the recommended IAM condition
 //! (docs/gcp.md) grants writes only on rules named `npf-<cluster>-*`, so asked of another
-//! rule they read as missing.
+//! rule they read as missing. `compute.projects.get` (the project's quota) shows as missing
+//! when the observation could not read the quota for want of it.
 
 use nodeport_firewall_model::Target;
-use nodeport_firewall_provider::{ErrorKind, Provider, Result};
+use nodeport_firewall_provider::{ErrorKind, Result};
 
 use crate::GcpProvider;
 
@@ -16,7 +17,7 @@ impl GcpProvider {
     /// any (else any rule: without an IAM condition they inherit the project's policy). A
     /// network without rules cannot be checked for writes.
     pub(crate) async fn missing_permissions(&self, target: &Target) -> Result<Vec<String>> {
-        let obs = match self.observe(target).await {
+        let (obs, quota_denied) = match self.observe_target(target).await {
             Ok(o) => o,
             Err(e) if e.kind == ErrorKind::PermissionDenied => {
                 return Ok(vec!["compute.firewalls.list".to_string()]);
@@ -27,11 +28,15 @@ impl GcpProvider {
         // names only, so asked of another rule they would read as missing.
         let prefix = crate::marker::name_prefix(&self.cluster);
         let ids = || obs.rules.iter().filter_map(|r| r.id.clone());
+        let mut missing: Vec<String> = quota_denied
+            .then(|| "compute.projects.get".to_string())
+            .into_iter()
+            .collect();
         let Some(probe) = ids()
             .find(|n| n.starts_with(&prefix))
             .or_else(|| ids().next())
         else {
-            return Ok(Vec::new());
+            return Ok(missing);
         };
         let (project, _) = Self::split_target(target)?;
         let wanted: Vec<String> = [
@@ -44,9 +49,7 @@ impl GcpProvider {
         .map(|s| s.to_string())
         .collect();
         let granted = self.granted_permissions(project, &probe, &wanted).await?;
-        Ok(wanted
-            .into_iter()
-            .filter(|w| !granted.contains(w))
-            .collect())
+        missing.extend(wanted.into_iter().filter(|w| !granted.contains(w)));
+        Ok(missing)
     }
 }

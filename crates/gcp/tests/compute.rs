@@ -752,17 +752,71 @@ async fn the_budget_is_a_plan_error_and_the_project_quota_a_clear_failure() {
     }
     assert_eq!(server.calls().get("firewalls.insert"), None, "no write");
 
-    // The project quota is lower than the budget: two inserts fit, the third's 403
-    // QUOTA_EXCEEDED is a quota failure, and the outcome still counts the two written.
-    server.set_quota(PROJECT, Some(3));
+    // The project quota is lower than the budget: a plan error before any write, that says
+    // which limit applies (1 rule on the network, 1 on another: 3 of the quota's 5 left).
+    server
+        .seed_firewall(
+            PROJECT,
+            json!({"name": "allow-ssh-elsewhere", "network": "other-vpc",
+                   "allowed": [{"IPProtocol": "tcp", "ports": ["22"]}],
+                   "sourceRanges": ["198.51.100.0/24"], "targetTags": ["bastion"]}),
+        )
+        .unwrap();
+    server.set_quota(PROJECT, Some(4));
     let p = provider_with(&server, json!({})).await;
-    let outcomes = apply(&p, &plan(&p, &config, &svcs, &nodes).await).await;
+    server.reset_calls();
+    let refused = plan(&p, &config, &svcs, &nodes).await;
+    let error = refused.targets[0].error.as_ref().expect("a quota error");
+    assert_eq!(
+        error,
+        &nodeport_firewall_provider::PlanError::RuleQuota {
+            family: None,
+            ours: 3,
+            foreign: 1,
+            limit: 3,
+            reason: Some(
+                "the project's FIREWALLS quota: limit 4, 2 used, 1 of them outside this network"
+                    .to_string()
+            ),
+        }
+    );
+    let observed = refused.targets[0].observed.as_ref().unwrap();
+    assert!(observed.warnings.is_empty(), "{:?}", observed.warnings);
+    assert_eq!(server.calls_on("projects.get", PROJECT), 1);
+    for (_, o) in apply(&p, &refused).await {
+        assert!(matches!(o, ApplyOutcome::Refused { .. }), "{o:?}");
+    }
+    assert_eq!(server.calls().get("firewalls.insert"), None, "no write");
+
+    // The quota is lowered (or another tool takes it) between plan and apply: two inserts
+    // fit, the third's 403 QUOTA_EXCEEDED is a quota failure, and the outcome still counts
+    // the two written.
+    server.set_quota(PROJECT, Some(5));
+    let planned = plan(&p, &config, &svcs, &nodes).await;
+    assert!(
+        planned.targets[0].error.is_none(),
+        "{:?}",
+        planned.targets[0].error
+    );
+    server.set_quota(PROJECT, Some(4));
+    let outcomes = apply(&p, &planned).await;
     let ApplyOutcome::Failed { error, report } = &outcomes[0].1 else {
         panic!("expected a failure: {outcomes:?}")
     };
     assert_eq!(error.kind, ErrorKind::QuotaExceeded, "{error}");
     assert_eq!((report.added, report.removed, report.updated), (2, 0, 0));
     assert_eq!(ours(&server, PROJECT).len(), 2);
+    // The next plan reads the quota again (our writes changed its usage): full, it refuses
+    // the third rule before any write.
+    let full = plan(&p, &config, &svcs, &nodes).await;
+    assert!(
+        full.targets[0]
+            .error
+            .as_ref()
+            .is_some_and(|e| e.to_string().contains("limit 4, 4 used")),
+        "{:?}",
+        full.targets[0].error
+    );
     let error = error.to_string();
     assert!(
         error.to_string().contains("Quota 'FIREWALLS' exceeded"),
@@ -929,11 +983,14 @@ async fn one_service_change_is_one_list_and_one_write_per_affected_rule() {
     p.stats().reset();
     let noop = plan(&p, &config, &svcs, &nodes).await;
     assert_eq!(writes(&noop), 0);
-    // One list of the network (observe) and one by our name prefix in the project (the
-    // search for targets holding rules of ours, `owned_targets`).
+    // One list of the network (observe), one by our name prefix in the project (the
+    // search for targets holding rules of ours, `owned_targets`), and the project's quota.
     assert_eq!(
         server.calls(),
-        BTreeMap::from([("firewalls.list".to_string(), 2)])
+        BTreeMap::from([
+            ("firewalls.list".to_string(), 2),
+            ("projects.get".to_string(), 1)
+        ])
     );
 
     // One Service added: on each of the 3 pools' IPv4 rule, one patch.
@@ -944,6 +1001,7 @@ async fn one_service_change_is_one_list_and_one_write_per_affected_rule() {
     apply_ok(&p, &one).await;
     let calls = server.calls();
     assert_eq!(calls["firewalls.list"], 2, "{calls:?}");
+    assert_eq!(calls["projects.get"], 1, "{calls:?}");
     assert_eq!(calls["firewalls.patch"], 3, "{calls:?}");
     assert_eq!(p.stats().writes(), 3);
     println!(

@@ -38,6 +38,7 @@ fn the_roles_split_reads_from_conditioned_writes() {
         "compute.networks.updatePolicy",
         "compute.globalOperations.get",
         "compute.instances.list",
+        "compute.projects.get",
     ]
     .map(String::from)
     .into();

@@ -2,7 +2,9 @@
 //! (`nodeport_firewall_e2e::gcp_compute`): `plan`, `apply`, then `plan` again shows no
 //! changes; a rule nodeport-firewall does not own is untouched; an ambiguous pool is an
 //! error in the plan; a Shared VPC host project that refuses writes makes `apply` print the
-//! `gcloud` commands a network admin must run.
+//! `gcloud` commands a network admin must run; the project's `FIREWALLS` quota, tighter
+//! than `ruleBudget`, is a plan error before any write, and without `compute.projects.get`
+//! the budget applies with one warning.
 //!
 //! The nodes are GKE-style (`cloud.google.com/gke-nodepool`, `gce://` providerIDs); the
 //! Services are the bundled demo's. The binary uses the `endpoint` override and
@@ -307,10 +309,11 @@ fn gcp_a_long_service_list_plans_nothing_after_apply_in_a_new_process() {
         .stdout_has(&["Plan: 0 to add, 0 to remove, 1 unchanged."]);
 }
 
-/// The project's firewall quota stops an apply after two inserts: the output says what was
-/// written and what failed, and the exit status is 1.
+/// Done-when of issue 17 (GCP): the project's `FIREWALLS` quota (2) is tighter than
+/// `ruleBudget` (100): `plan` reports the quota error, naming the quota, and exits 1;
+/// `apply` refuses the target before any write.
 #[test]
-fn gcp_an_apply_stopped_by_the_project_quota_reports_what_it_wrote() {
+fn gcp_a_project_quota_tighter_than_the_budget_is_a_plan_error_before_any_write() {
     let server = ComputeServer::start();
     let dir = Scratch::new();
     let nodes = gke_nodes(&server, &dir, "edge");
@@ -318,6 +321,43 @@ fn gcp_an_apply_stopped_by_the_project_quota_reports_what_it_wrote() {
     // Three allowlists: three rules; the project holds two.
     let services = crowd(3, |i| format!("10.{i}.0.0/16"));
     server.set_quota(PROJECT, Some(2));
+    let error = "rule quota exceeded: 3 rules of ours + 0 of others = 3 rules, limit 2 (the project's FIREWALLS quota: limit 2, 0 used, 0 of them outside this network)";
+    Cli::new()
+        .plan(&crowd_args(&dir, &nodes, &config, &services, &[]))
+        .expect_exit(1)
+        .stdout_has(&[error]);
+    let applied = Cli::new().apply(&crowd_args(&dir, &nodes, &config, &services, &["--yes"]));
+    let out = format!("{}{}", applied.stdout, applied.stderr);
+    assert_eq!(applied.code, Some(1), "{out}");
+    assert!(out.contains(error), "{out}");
+    assert!(
+        !out.contains("Quota 'FIREWALLS' exceeded"),
+        "no write tried: {out}"
+    );
+    assert_eq!(server.calls().get("firewalls.insert"), None, "{out}");
+    assert!(server.firewalls(PROJECT).is_empty());
+}
+
+/// Without `compute.projects.get` the plan uses `ruleBudget` alone and says so in one
+/// warning line; the quota then stops the apply after two inserts: the output says what
+/// was written and what failed, and the exit status is 1.
+#[test]
+fn gcp_without_the_quota_read_the_budget_applies_with_one_warning_and_the_quota_stops_the_apply() {
+    let server = ComputeServer::start();
+    let dir = Scratch::new();
+    let nodes = gke_nodes(&server, &dir, "edge");
+    let config = config(&dir, &server, PROJECT);
+    let services = crowd(3, |i| format!("10.{i}.0.0/16"));
+    server.set_quota(PROJECT, Some(2));
+    server.forbid_project_get(PROJECT, true);
+    let warning = format!(
+        "could not read the FIREWALLS quota of project {PROJECT} (permission compute.projects.get missing): planning against gcp.ruleBudget 100 alone"
+    );
+    let plan = Cli::new()
+        .plan(&crowd_args(&dir, &nodes, &config, &services, &[]))
+        .expect_exit(2);
+    let all = format!("{}{}", plan.stdout, plan.stderr);
+    assert_eq!(all.matches(&warning).count(), 1, "one warning line: {all}");
     let out = Cli::new()
         .apply(&crowd_args(&dir, &nodes, &config, &services, &["--yes"]))
         .expect_exit(1)
