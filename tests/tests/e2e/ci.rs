@@ -112,7 +112,10 @@ fn strict_fails_on_any_warning_and_json_lists_them_by_kind() {
     Cli::new()
         .plan(&["-f", &s(&m), "--config", &s(&c), "--strict"])
         .expect_exit(1)
-        .stdout_has(&["a kubelet can set", "node-restriction.kubernetes.io/nodeport-firewall-pool"]);
+        .stdout_has(&[
+            "a kubelet can set",
+            "node-restriction.kubernetes.io/nodeport-firewall-pool",
+        ]);
     let c = dir.write("c.yaml", "clusterName: e2e\ntrustNodePoolLabels: true\n");
     Cli::new()
         .plan(&["-f", &s(&m), "--config", &s(&c), "--strict"])
