@@ -130,6 +130,30 @@ async fn converges_then_removes_a_deleted_services_rules() {
     run.stop().await;
 }
 
+/// A pool whose last Node goes, and that the config does not list, is gone: `run` finds
+/// its rules by marker and removes them, as `plan` and `apply` do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rules_of_a_pool_that_is_gone_are_removed_as_orphans() {
+    let server = ApiServer::start().await;
+    server.put("Node", node("n1", "a"), "ADDED");
+    server.put("Node", node("n2", "b"), "ADDED");
+    server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
+    let p = memory();
+    let run = spawn(&server, p.clone(), settings());
+    eventually("a rule on each pool", || {
+        let r = rules(&p);
+        r.get("a").is_some_and(|r| r.len() == 1) && r.get("b").is_some_and(|r| r.len() == 1)
+    })
+    .await;
+    server.put("Node", node("n2", "b"), "DELETED");
+    eventually("pool b's rule removed", || {
+        rules(&p).get("b").is_some_and(|r| r.is_empty())
+    })
+    .await;
+    assert_eq!(rules(&p)["a"], vec!["30080 10.1.0.0/16".to_string()]);
+    run.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_planned_before_the_caches_sync() {
     let server = ApiServer::start().await;
@@ -541,5 +565,135 @@ async fn nothing_is_planned_while_the_policies_cannot_be_listed() {
         rules(&p)
     );
     assert!(server.events().is_empty(), "no feedback before sync");
+    run.stop().await;
+}
+
+/// GET /metrics on `addr`, waiting for it to listen: the body.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for _ in 0..100 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
+                .await
+                .unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).await.unwrap();
+            if let Some((head, body)) = text.split_once("\r\n\r\n")
+                && head.split_whitespace().nth(1) == Some("200")
+            {
+                return body.to_string();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("/metrics on {addr} did not answer");
+}
+
+/// The value of the sample `name{labels}` (labels as printed), if exported.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The quota gauges follow each plan (per family where the quota counts families apart), and
+/// every per-target series goes once the target leaves the plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_headroom_per_target_and_family_and_drop_targets_that_left() {
+    use nodeport_firewall_provider::memory::MemoryConfig;
+    let server = ApiServer::start().await;
+    server.put("Node", node("n1", "a"), "ADDED");
+    server.put("Service", service("web", 30080, "10.1.0.0/16"), "ADDED");
+    server.put("Service", service("api", 30090, "10.2.0.0/16"), "ADDED");
+    // EC2-shaped: 60 rules per IP family.
+    let mut memory = MemoryConfig::default();
+    memory.limits.max_rules = Some(60);
+    memory.limits.rules_counted_per_family = true;
+    let p = Arc::new(MemoryProvider::new("test", memory));
+    let addr = free_addr();
+    let run = spawn(
+        &server,
+        p.clone(),
+        Settings {
+            http_addr: Some(addr),
+            ..settings()
+        },
+    );
+    eventually("two rules", || {
+        rules(&p).get("a").is_some_and(|r| r.len() == 2)
+    })
+    .await;
+    let a = |name: &str, family: &str| {
+        format!(r#"nodeport_firewall_{name}{{provider="memory",target="a",family="{family}"}}"#)
+    };
+    let mut page = String::new();
+    for _ in 0..100 {
+        page = scrape(addr).await;
+        if sample(&page, &a("rule_headroom", "ipv4")) == Some(58.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        sample(&page, &a("rule_headroom", "ipv4")),
+        Some(58.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, &a("rule_headroom", "ipv6")),
+        Some(60.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, &a("rule_limit", "ipv4")),
+        Some(60.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, &a("rule_limit", "ipv6")),
+        Some(60.0),
+        "{page}"
+    );
+    assert_eq!(sample(&page, &a("rule_headroom", "all")), None, "{page}");
+    assert_eq!(
+        sample(&page, "nodeport_firewall_resync_interval_seconds"),
+        Some(3600.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "nodeport_firewall_leader"),
+        Some(1.0),
+        "{page}"
+    );
+    let synced =
+        r#"nodeport_firewall_last_successful_sync_timestamp_seconds{provider="memory",target="a"}"#;
+    assert!(sample(&page, synced).is_some_and(|t| t > 1.0e9), "{page}");
+
+    // The Services go (their rules with them), then pool a's only node: target a leaves
+    // the plan, and a new pool b comes.
+    server.put("Node", node("n2", "b"), "ADDED");
+    server.put("Service", service("web", 30080, "10.1.0.0/16"), "DELETED");
+    server.put("Service", service("api", 30090, "10.2.0.0/16"), "DELETED");
+    eventually("no rules left", || rules(&p).values().all(Vec::is_empty)).await;
+    server.put("Node", node("n1", "a"), "DELETED");
+    let b = r#"nodeport_firewall_rule_headroom{provider="memory",target="b",family="ipv4"}"#;
+    for _ in 0..100 {
+        page = scrape(addr).await;
+        if sample(&page, b).is_some() && !page.contains(r#"target="a""#) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(sample(&page, b), Some(60.0), "{page}");
+    assert!(
+        !page.contains(r#"target="a""#),
+        "no series of a target that left the plan:\n{page}"
+    );
     run.stop().await;
 }

@@ -69,6 +69,9 @@ impl Provider for SlowWriter {
     async fn observe(&self, target: &Target) -> Result<Observation> {
         self.inner.observe(target).await
     }
+    async fn owned_targets(&self, config: &nodeport_firewall_model::Config) -> Result<Vec<Target>> {
+        self.inner.owned_targets(config).await
+    }
     async fn apply(&self, _plan: &TargetPlan) -> std::result::Result<ApplyReport, ApplyFailure> {
         let mut report = ApplyReport::default();
         for _ in 0..self.writes {

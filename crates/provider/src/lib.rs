@@ -194,10 +194,9 @@ pub trait Provider: Send + Sync {
     /// to, and removes the orphans there. Found with few reads (AWS: one tag-filtered
     /// `DescribeSecurityGroupRules` per region; GCP: firewalls by name prefix; Azure: the
     /// NSGs named in config). `config` is the whole operator config, unmanaged pools too.
-    /// Empty when the provider cannot search.
-    async fn owned_targets(&self, _config: &Config) -> Result<Vec<Target>> {
-        Ok(Vec::new())
-    }
+    /// Required, with no default: a wrapper that forgot to pass it on would silently leave
+    /// orphans behind.
+    async fn owned_targets(&self, config: &Config) -> Result<Vec<Target>>;
 
     /// Permission preflight: the cloud permissions the credentials lack on `target`, by
     /// name, found without changing anything. Empty when all checks pass or the provider

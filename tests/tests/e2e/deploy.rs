@@ -36,6 +36,8 @@ use serde_json::{Value, json};
 
 use crate::cli::{Scratch, binary, workspace};
 
+mod monitoring;
+
 fn deploy() -> PathBuf {
     workspace().join("deploy")
 }
@@ -262,6 +264,9 @@ fn check_objects(objects: &[Value], source: &str) -> BTreeMap<String, Value> {
             }
             ("monitoring.coreos.com/v1", "ServiceMonitor") => {
                 round_trip::<ServiceMonitor>(doc, &what)
+            }
+            ("monitoring.coreos.com/v1", "PrometheusRule") => {
+                round_trip::<monitoring::PrometheusRule>(doc, &what)
             }
             _ => panic!("{what}: unexpected apiVersion/kind {api_version}/{kind}"),
         }
@@ -521,9 +526,25 @@ fn check_rbac(objects: &BTreeMap<String, Value>, source: &str) {
     }
 }
 
+/// The one ConfigMap that holds the operator config (the dashboard's is another).
+fn config_map<'a>(objects: &'a BTreeMap<String, Value>, source: &str) -> &'a Value {
+    let found: Vec<&Value> = objects
+        .iter()
+        .filter(|(k, v)| k.starts_with("ConfigMap/") && v["data"]["config.yaml"].is_string())
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "{source}: one config ConfigMap: {:?}",
+        objects.keys()
+    );
+    found[0]
+}
+
 /// The ConfigMap's config.yaml is a valid operator config.
 fn check_config(objects: &BTreeMap<String, Value>, source: &str) {
-    let cm = one_of_kind(objects, "ConfigMap", source);
+    let cm = config_map(objects, source);
     let text = cm["data"]["config.yaml"]
         .as_str()
         .expect("data.config.yaml");
@@ -683,7 +704,7 @@ fn helm_chart_renders_with_default_values() {
         "ghcr.io/nodeport-firewall/nodeport-firewall:0.1.0"
     );
     assert!(sa_annotations(&objects, "defaults").is_null());
-    let cm = one_of_kind(&objects, "ConfigMap", "defaults");
+    let cm = config_map(&objects, "defaults");
     let config = Config::from_yaml(
         cm["data"]["config.yaml"].as_str().expect("config"),
         PROVIDERS,
@@ -723,6 +744,7 @@ fn helm_chart_renders_with_every_value_set() {
     );
     let mut want: BTreeSet<String> = CORE_KINDS.iter().map(|s| s.to_string()).collect();
     for k in [
+        "PrometheusRule",
         "ServiceMonitor",
         "ValidatingAdmissionPolicy",
         "ValidatingAdmissionPolicyBinding",
@@ -783,7 +805,7 @@ fn helm_chart_renders_with_every_value_set() {
             "azure.workload.identity/tenant-id": "00000000-0000-0000-0000-000000000002",
         })
     );
-    let cm = one_of_kind(&objects, "ConfigMap", source);
+    let cm = config_map(&objects, source);
     let config = Config::from_yaml(
         cm["data"]["config.yaml"].as_str().expect("config"),
         PROVIDERS,
@@ -988,14 +1010,20 @@ fn every_chart_value_is_documented_and_in_the_schema() {
     let mut all = Vec::new();
     leaves(&values, &mut Vec::new(), &mut all);
     assert!(all.len() > 30, "{all:?}");
-    let install = std::fs::read_to_string(workspace().join("docs/install.md")).expect("install.md");
+    // The monitoring values are documented with the alerts they tune (operations.md).
+    let install = ["docs/install.md", "docs/operations.md"]
+        .map(|d| std::fs::read_to_string(workspace().join(d)).expect(d))
+        .join("\n");
     for path in &all {
         let full = path.join(".");
         let last = path.last().expect("a key");
         let documented = install.contains(&format!("`{full}`"))
             || install.contains(&format!("`{full} "))
             || (path.len() > 1 && install.contains(&format!("`.{last}`")));
-        assert!(documented, "docs/install.md documents the value {full}");
+        assert!(
+            documented,
+            "docs/install.md (or operations.md) documents the value {full}"
+        );
     }
     let schema: Value = serde_json::from_str(
         &std::fs::read_to_string(chart().join("values.schema.json")).expect("values.schema.json"),

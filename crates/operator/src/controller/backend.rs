@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use nodeport_firewall_provider::model::Config;
 use nodeport_firewall_provider::{
     ApplyFailure, ApplyReport, ManualSteps, Observation, PoolTarget, PoolView, Provider, Render,
     Result, Target, TargetPlan,
@@ -39,6 +40,9 @@ impl Provider for Shared {
             warn!(error = %e, "cannot save the memory provider's state");
         }
         r
+    }
+    async fn owned_targets(&self, config: &Config) -> Result<Vec<Target>> {
+        self.0.provider().owned_targets(config).await
     }
     async fn preflight(&self, target: &Target) -> Result<Vec<String>> {
         self.0.provider().preflight(target).await

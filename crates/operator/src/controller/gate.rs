@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use nodeport_firewall_provider::fence::{self, WriteFence};
+use nodeport_firewall_provider::model::Config;
 use nodeport_firewall_provider::{
     ApplyFailure, ApplyReport, Error, ErrorKind, ManualSteps, Observation, PoolTarget, PoolView,
     Provider, Render, Result, Target, TargetPlan,
@@ -92,6 +93,12 @@ impl Provider for Gated {
         let fence: Arc<dyn WriteFence> = Arc::new(self.leadership.clone());
         let r = fence::scoped(fence, self.inner.apply(plan)).await;
         self.count("apply", r.as_ref().err().map(|f| &f.error));
+        r
+    }
+
+    async fn owned_targets(&self, config: &Config) -> Result<Vec<Target>> {
+        let r = self.inner.owned_targets(config).await;
+        self.count("owned_targets", r.as_ref().err());
         r
     }
 

@@ -203,6 +203,9 @@ pub async fn run(
         shutdown.await;
         let _ = stopping_tx.send(true);
     });
+    ctx.metrics
+        .resync_interval
+        .set(ctx.settings.resync.as_secs_f64());
     let changed = Arc::new(Notify::new());
     let (caches, reflectors) = cache::start(
         ctx.client.clone(),
@@ -344,6 +347,7 @@ impl Loop<'_> {
                         deadline = Instant::now();
                     } else {
                         // The next leader reports afresh; so will we, if we lead again.
+                        self.ctx.metrics.clear_targets();
                         self.publisher.reset();
                         self.last_inputs = None;
                         self.observed.clear();
@@ -486,6 +490,7 @@ impl Loop<'_> {
             .map(|d| d.as_secs_f64())
             .unwrap_or_default();
         let mut failed_targets: BTreeSet<&Target> = BTreeSet::new();
+        let mut present: BTreeSet<TargetLabels> = BTreeSet::new();
         for tp in &plan.targets {
             let outcome =
                 applied.and_then(|a| a.iter().find(|(t, _)| *t == tp.target).map(|(_, o)| o));
@@ -528,12 +533,19 @@ impl Loop<'_> {
             m.pending_changes
                 .get_or_create(&labels)
                 .set(i64::try_from(pending).unwrap_or(i64::MAX));
+            m.set_usage(&labels, &tp.usage);
+            present.insert(labels.clone());
             if failed {
                 failed_targets.insert(&tp.target);
                 warn!(target = %tp.target, error = ?tp.error.as_ref().map(ToString::to_string), outcome = ?outcome, "target not in sync");
             } else if pending == 0 {
                 m.last_sync.get_or_create(&labels).set(now);
             }
+        }
+        // A pool that could not be resolved has no targets in the plan: its targets keep
+        // their last series, so that their sync age keeps growing and alerts.
+        if plan.pools.iter().all(|p| p.error.is_none()) {
+            m.retain_targets(&present);
         }
         let mut any_failed = !failed_targets.is_empty();
         for pool in &plan.pools {

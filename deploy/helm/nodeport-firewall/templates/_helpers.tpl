@@ -59,3 +59,13 @@ clusterName: {{ include "npf.clusterName" . | quote }}
 {{ toYaml .Values.config }}
 {{- end }}
 {{- end -}}
+
+{{/* PromQL label matchers that pick this release's series (alerts): by default what the
+chart's ServiceMonitor scrapes. */}}
+{{- define "npf.metricSelector" -}}
+{{- if .Values.prometheusRule.selector -}}
+{{- .Values.prometheusRule.selector -}}
+{{- else -}}
+{{- printf "job=%q,namespace=%q" (printf "%s-metrics" (include "npf.fullname" .)) .Release.Namespace -}}
+{{- end -}}
+{{- end -}}
