@@ -126,7 +126,12 @@ impl Operator {
         self.metrics_page()
             .lines()
             .filter(|l| l.starts_with("nodeport_firewall_cloud_api_calls_total{"))
-            .filter(|l| !l.contains("operation=\"Describe") && !l.contains("operation=\"DryRun"))
+            .filter(|l| {
+                // Reads (Describe*, and Service Quotas' Get*) and permission checks.
+                !l.contains("operation=\"Describe")
+                    && !l.contains("operation=\"Get")
+                    && !l.contains("operation=\"DryRun")
+            })
             .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
             .sum()
     }
