@@ -376,11 +376,13 @@ fn run_against_moto_follows_services_and_repairs_drift() {
     eventually("api's rule on b", 30, &op, || {
         ingress(&moto, &b).0 == with_api
     });
-    // Every reconcile logs its reads; once the log accounts for every DescribeSecurityGroupRules
-    // call made since the change (a resync may have come meanwhile), the reconcile that
-    // added the rule must have read one group.
+    // Every reconcile logs its reads of targets, and makes one search for orphans (one
+    // tag-filtered DescribeSecurityGroupRules for the region); once the log accounts for
+    // every call made since the change (a resync may have come meanwhile), the reconcile
+    // that added the rule must have read one group.
     eventually("the logged reads to match the calls", 30, &op, || {
-        let logged: usize = reconciled_since(&op, from).iter().map(|r| r.0).sum();
+        let lines = reconciled_since(&op, from);
+        let logged: usize = lines.iter().map(|r| r.0).sum::<usize>() + lines.len();
         logged as f64 == op.cloud_calls("DescribeSecurityGroupRules") - d2
     });
     let lines = reconciled_since(&op, from);
