@@ -7,6 +7,28 @@ use super::*;
 use nodeport_firewall_provider::model::Action;
 use nodeport_firewall_provider::{ErrorKind, Observation, ObservedRule};
 
+/// One NSG, one pool `np1` with one node, and one Service opening 30080 to 10.0.0.0/8.
+struct OnePool {
+    server: ArmServer,
+    nsg: String,
+    config: Config,
+    nodes: Vec<NodeSpec>,
+    svcs: Vec<ServiceSpec>,
+}
+
+fn one_pool() -> OnePool {
+    let server = ArmServer::start();
+    let nsg = server.create_nsg(SUB, RG, "nsg");
+    let config = config_for(&nsg, &[("np1", json!({}))]);
+    OnePool {
+        server,
+        nsg,
+        config,
+        nodes: vec![node("a0", "np1", &["10.240.0.4"])],
+        svcs: vec![svc("a", 30080, "10.0.0.0/8")],
+    }
+}
+
 fn nsg_target(nsg: &str) -> Target {
     Target::new("azure", &NsgId::parse(nsg).unwrap().id())
 }
@@ -76,12 +98,14 @@ async fn deny_rules_are_observed_as_what_they_block() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_allow_behind_a_deny_does_not_satisfy_and_ours_goes_before_the_deny() {
-    let server = ArmServer::start();
-    let nsg = server.create_nsg(SUB, RG, "nsg");
+    let OnePool {
+        server,
+        nsg,
+        config,
+        nodes,
+        svcs,
+    } = one_pool();
     let p = provider_with(&server, json!({})).await;
-    let config = config_for(&nsg, &[("np1", json!({}))]);
-    let nodes = vec![node("a0", "np1", &["10.240.0.4"])];
-    let svcs = vec![svc("a", 30080, "10.0.0.0/8")];
     let probe = plan(&p, &config, &svcs, &nodes).await;
     let wanted = probe.targets[0].changes[0].rule.clone();
     let deny = seed_shadowed_allow(&server, &nsg, &wanted);
@@ -118,12 +142,14 @@ async fn a_foreign_allow_behind_a_deny_does_not_satisfy_and_ours_goes_before_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_operation_in_progress_is_retried_honouring_retry_after() {
-    let server = ArmServer::start();
-    let nsg = server.create_nsg(SUB, RG, "nsg");
+    let OnePool {
+        server,
+        nsg,
+        config,
+        nodes,
+        svcs,
+    } = one_pool();
     let p = provider_with(&server, json!({})).await;
-    let config = config_for(&nsg, &[("np1", json!({}))]);
-    let nodes = vec![node("a0", "np1", &["10.240.0.4"])];
-    let svcs = vec![svc("a", 30080, "10.0.0.0/8")];
     server.busy_writes(2, 1);
     let started = Instant::now();
     apply_ok(&p, &plan(&p, &config, &svcs, &nodes).await).await;
@@ -153,12 +179,14 @@ async fn another_operation_in_progress_is_retried_honouring_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_left_failed_is_put_again_at_its_priority_by_the_next_apply() {
-    let server = ArmServer::start();
-    let nsg = server.create_nsg(SUB, RG, "nsg");
+    let OnePool {
+        server,
+        nsg,
+        config,
+        nodes,
+        svcs,
+    } = one_pool();
     let p = provider_with(&server, json!({})).await;
-    let config = config_for(&nsg, &[("np1", json!({}))]);
-    let nodes = vec![node("a0", "np1", &["10.240.0.4"])];
-    let svcs = vec![svc("a", 30080, "10.0.0.0/8")];
     server.fail_next_put_operations(1, "InternalServerError");
     let outcomes =
         nodeport_firewall_provider::testkit::apply(&p, &plan(&p, &config, &svcs, &nodes).await)
@@ -206,11 +234,13 @@ async fn a_rule_left_failed_is_put_again_at_its_priority_by_the_next_apply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_still_updating_after_our_timeout_is_put_again() {
-    let server = ArmServer::start();
-    let nsg = server.create_nsg(SUB, RG, "nsg");
-    let config = config_for(&nsg, &[("np1", json!({}))]);
-    let nodes = vec![node("a0", "np1", &["10.240.0.4"])];
-    let svcs = vec![svc("a", 30080, "10.0.0.0/8")];
+    let OnePool {
+        server,
+        nsg,
+        config,
+        nodes,
+        svcs,
+    } = one_pool();
     server.set_polls_per_operation(u32::MAX);
     let slow = provider_with(&server, json!({"operationTimeoutSeconds": 1})).await;
     let outcomes = engine::apply(&slow, &plan(&slow, &config, &svcs, &nodes).await).await;
